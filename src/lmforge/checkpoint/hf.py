@@ -1,0 +1,473 @@
+"""Hugging Face <-> lmforge: per-family weight-name tables and small named transforms.
+
+The only place in lmforge that knows family names and Hugging Face parameter names.
+
+- The family comes from `config.json`'s `model_type`, never from the folder name.
+- Each family is data: a config translation (two small functions), a key prefix used by
+  task-head checkpoints (`model.`, `transformer.`, `bert.`), and rules
+  `(our names, their name, transform)`. `{i}` stands for a layer, `{e}` for an expert; a
+  name starting with `^` is outside the prefix (e.g. `lm_head.weight`).
+- Transforms are named pairs (load, save): `copy`, `transpose` (GPT-2's Conv1D stores
+  weights as in x out) and `split3` / `split3_t` (GPT-2's fused q/k/v projection).
+- Loading names every missing, unexpected and mis-shaped tensor; tensors that are buffers in
+  some checkpoints (`attn.bias`, `rotary_emb.inv_freq`, `position_ids`) are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.checkpoint.io import (
+    read_json,
+    read_tensors,
+    tensor_names,
+    unique_state,
+    write_json,
+    write_tensors,
+)
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.models import build_model
+
+# ---------------------------------------------------------------- transforms
+
+Transform = tuple[Callable[[Tensor], tuple[Tensor, ...]], Callable[[tuple[Tensor, ...]], Tensor]]
+
+TRANSFORMS: dict[str, Transform] = {
+    "copy": (lambda t: (t,), lambda ts: ts[0]),
+    "transpose": (lambda t: (t.t(),), lambda ts: ts[0].t()),
+    "split3": (lambda t: t.chunk(3, dim=0), lambda ts: torch.cat(ts, dim=0)),
+    "split3_t": (lambda t: t.t().chunk(3, dim=0), lambda ts: torch.cat(ts, dim=0).t()),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: tuple[str, ...]  # lmforge names, e.g. ("layers.{i}.attn.q.weight",)
+    theirs: str  # Hugging Face name relative to the family prefix ("^" = absolute)
+    transform: str = "copy"
+
+
+def _rules(*rows: tuple) -> tuple[Rule, ...]:
+    return tuple(Rule((r[0],) if isinstance(r[0], str) else r[0], *r[1:]) for r in rows)
+
+
+# ---------------------------------------------------------------- per-family tables
+
+GPT2_RULES = _rules(
+    ("embed.weight", "wte.weight"),
+    ("positions.weight", "wpe.weight"),
+    ("layers.{i}.attn_norm.weight", "h.{i}.ln_1.weight"),
+    ("layers.{i}.attn_norm.bias", "h.{i}.ln_1.bias"),
+    (("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight", "layers.{i}.attn.v.weight"), "h.{i}.attn.c_attn.weight", "split3_t"),
+    (("layers.{i}.attn.q.bias", "layers.{i}.attn.k.bias", "layers.{i}.attn.v.bias"), "h.{i}.attn.c_attn.bias", "split3"),
+    ("layers.{i}.attn.o.weight", "h.{i}.attn.c_proj.weight", "transpose"),
+    ("layers.{i}.attn.o.bias", "h.{i}.attn.c_proj.bias"),
+    ("layers.{i}.mlp_norm.weight", "h.{i}.ln_2.weight"),
+    ("layers.{i}.mlp_norm.bias", "h.{i}.ln_2.bias"),
+    ("layers.{i}.mlp.up.weight", "h.{i}.mlp.c_fc.weight", "transpose"),
+    ("layers.{i}.mlp.up.bias", "h.{i}.mlp.c_fc.bias"),
+    ("layers.{i}.mlp.down.weight", "h.{i}.mlp.c_proj.weight", "transpose"),
+    ("layers.{i}.mlp.down.bias", "h.{i}.mlp.c_proj.bias"),
+    ("norm.weight", "ln_f.weight"),
+    ("norm.bias", "ln_f.bias"),
+    ("lm_head.weight", "^lm_head.weight"),
+)
+
+LLAMA_RULES = _rules(
+    ("embed.weight", "embed_tokens.weight"),
+    ("layers.{i}.attn_norm.weight", "layers.{i}.input_layernorm.weight"),
+    *[(f"layers.{{i}}.attn.{p}.{w}", f"layers.{{i}}.self_attn.{p}_proj.{w}") for p in "qkvo" for w in ("weight", "bias")],
+    ("layers.{i}.mlp_norm.weight", "layers.{i}.post_attention_layernorm.weight"),
+    *[(f"layers.{{i}}.mlp.{p}.{w}", f"layers.{{i}}.mlp.{p}_proj.{w}") for p in ("gate", "up", "down") for w in ("weight", "bias")],
+    ("norm.weight", "norm.weight"),
+    ("lm_head.weight", "^lm_head.weight"),
+)
+
+MIXTRAL_RULES = (
+    *LLAMA_RULES,
+    *_rules(
+        ("layers.{i}.mlp.router.weight", "layers.{i}.block_sparse_moe.gate.weight"),
+        ("layers.{i}.mlp.experts.{e}.gate.weight", "layers.{i}.block_sparse_moe.experts.{e}.w1.weight"),
+        ("layers.{i}.mlp.experts.{e}.down.weight", "layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
+        ("layers.{i}.mlp.experts.{e}.up.weight", "layers.{i}.block_sparse_moe.experts.{e}.w3.weight"),
+    ),
+)
+
+_BERT_LAYER = "encoder.layer.{i}."
+BERT_RULES = _rules(
+    ("embed.weight", "embeddings.word_embeddings.weight"),
+    ("positions.weight", "embeddings.position_embeddings.weight"),
+    ("type_embed.weight", "embeddings.token_type_embeddings.weight"),
+    ("embed_norm.weight", "embeddings.LayerNorm.weight"),
+    ("embed_norm.bias", "embeddings.LayerNorm.bias"),
+    *[
+        (f"layers.{{i}}.{ours}.{w}", f"{_BERT_LAYER}{theirs}.{w}")
+        for ours, theirs in [
+            ("attn.q", "attention.self.query"),
+            ("attn.k", "attention.self.key"),
+            ("attn.v", "attention.self.value"),
+            ("attn.o", "attention.output.dense"),
+            ("attn_norm", "attention.output.LayerNorm"),
+            ("mlp.up", "intermediate.dense"),
+            ("mlp.down", "output.dense"),
+            ("mlp_norm", "output.LayerNorm"),
+        ]
+        for w in ("weight", "bias")
+    ],
+    ("pooler.weight", "pooler.dense.weight"),
+    ("pooler.bias", "pooler.dense.bias"),
+    ("head.dense.weight", "^cls.predictions.transform.dense.weight"),
+    ("head.dense.bias", "^cls.predictions.transform.dense.bias"),
+    ("head.norm.weight", "^cls.predictions.transform.LayerNorm.weight"),
+    ("head.norm.bias", "^cls.predictions.transform.LayerNorm.bias"),
+    ("head.lm_head.weight", "^cls.predictions.decoder.weight"),
+    ("head.lm_head.bias", "^cls.predictions.bias"),
+)
+
+IGNORED = (
+    r".*\.attn\.(masked_)?bias$",  # GPT-2's causal-mask buffers in old checkpoints
+    r".*rotary_emb\.inv_freq$",
+    r".*position_ids$",
+    r"^cls\.predictions\.decoder\.bias$",  # the same tensor as cls.predictions.bias
+    r"^cls\.seq_relationship\..*",  # BERT's next-sentence head, not used
+)
+
+
+# ---------------------------------------------------------------- config translation
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta / rope_scaling from either transformers v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`)."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    s = params if params.get("rope_type", "default") != "default" else legacy
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind in (None, "default"):
+        return {"rope_theta": theta, "rope_scaling": None}
+    if kind == "linear":
+        return {"rope_theta": theta, "rope_scaling": {"type": "linear", "factor": s["factor"]}}
+    if kind == "llama3":
+        scaling = {
+            "type": "llama3",
+            "factor": s["factor"],
+            "low_freq_factor": s["low_freq_factor"],
+            "high_freq_factor": s["high_freq_factor"],
+            "original_max_seq_len": s["original_max_position_embeddings"],
+        }
+        return {"rope_theta": theta, "rope_scaling": scaling}
+    raise LmforgeError(f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def _rope_to_hf(c: ModelConfig) -> dict[str, Any]:
+    s = c.rope_scaling
+    if s is None:
+        params: dict[str, Any] = {"rope_type": "default"}
+    elif s["type"] == "linear":
+        params = {"rope_type": "linear", "factor": s["factor"]}
+    else:
+        params = {
+            "rope_type": "llama3",
+            "factor": s["factor"],
+            "low_freq_factor": s["low_freq_factor"],
+            "high_freq_factor": s["high_freq_factor"],
+            "original_max_position_embeddings": s["original_max_seq_len"],
+        }
+    legacy = None if s is None else dict(params, type=params["rope_type"])
+    return {"rope_theta": c.rope_theta, "rope_scaling": legacy, "rope_parameters": {**params, "rope_theta": c.rope_theta}}
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, list) and x else x
+
+
+def _special_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    return {"bos_id": _first(hf.get("bos_token_id")), "eos_id": _first(hf.get("eos_token_id")), "pad_id": _first(hf.get("pad_token_id"))}
+
+
+def _require(hf: dict[str, Any], key: str, allowed: tuple, default: Any = None) -> Any:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise LmforgeError(f"config.json has {key}={value!r}, which lmforge does not support (supported: {allowed})")
+    return value
+
+
+def gpt2_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    act = _require(hf, "activation_function", ("gelu_new", "gelu", "gelu_pytorch_tanh"), "gelu_new")
+    _require(hf, "scale_attn_by_inverse_layer_idx", (False, None), False)
+    _require(hf, "reorder_and_upcast_attn", (False, None), False)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
+        hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"], mlp="gelu" if act == "gelu" else "gelu_tanh",
+        norm="layernorm", norm_bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+        max_seq_len=hf.get("n_positions", 1024), attn_bias=True, mlp_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), **_special_ids(hf),
+    )
+
+
+def gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": c.vocab_size, "n_embd": c.dim, "n_layer": c.n_layers, "n_head": c.n_heads, "n_inner": c.hidden_dim,
+        "activation_function": "gelu" if c.mlp == "gelu" else "gelu_new", "layer_norm_epsilon": c.norm_eps,
+        "n_positions": c.max_seq_len, "n_ctx": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    }
+
+
+def llama_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        hidden_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        positions="rotary", **_rope_from_hf(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
+        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+        attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        n_experts=hf.get("num_local_experts", 0), n_experts_per_token=hf.get("num_experts_per_tok", 2),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01), **_special_ids(hf),
+    )
+
+
+def llama_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = {
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "intermediate_size": c.hidden_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_seq_len, "attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias,
+        "tie_word_embeddings": c.tie_embeddings, "sliding_window": c.sliding_window, **_rope_to_hf(c),
+    }
+    if c.n_experts:
+        out.update(num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_per_token, router_aux_loss_coef=c.router_aux_loss_coef)
+    return out
+
+
+def bert_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    act = _require(hf, "hidden_act", ("gelu", "gelu_new"), "gelu")
+    _require(hf, "position_embedding_type", ("absolute",), "absolute")
+    return ModelConfig(
+        kind="encoder", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], hidden_dim=hf["intermediate_size"], mlp="gelu" if act == "gelu" else "gelu_tanh",
+        norm="layernorm", norm_bias=True, norm_eps=hf.get("layer_norm_eps", 1e-12), positions="learned",
+        max_seq_len=hf.get("max_position_embeddings", 512), attn_bias=True, mlp_bias=True,
+        type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=hf.get("tie_word_embeddings", True),
+        mlm_head=architecture in ("BertForMaskedLM", "BertForPreTraining"),
+        pooler=architecture in ("BertModel", "BertForPreTraining", "BertForSequenceClassification"),
+        **_special_ids(hf),
+    )
+
+
+def bert_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "intermediate_size": c.hidden_dim,
+        "hidden_act": "gelu" if c.mlp == "gelu" else "gelu_new", "layer_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_seq_len, "type_vocab_size": c.type_vocab_size,
+        "tie_word_embeddings": c.tie_embeddings, "position_embedding_type": "absolute",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    prefix: str  # where task-head checkpoints keep the base model
+    rules: tuple[Rule, ...]
+    config_from_hf: Callable[[dict[str, Any], str], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    architectures: tuple[str, ...]  # the first is written on save; the rest load too
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "transformer.", GPT2_RULES, gpt2_config, gpt2_to_hf, ("GPT2LMHeadModel", "GPT2Model")),
+    "llama": Family("llama", "model.", LLAMA_RULES, llama_config, llama_to_hf, ("LlamaForCausalLM", "LlamaModel")),
+    "mistral": Family("mistral", "model.", LLAMA_RULES, llama_config, llama_to_hf, ("MistralForCausalLM", "MistralModel")),
+    "mixtral": Family("mixtral", "model.", MIXTRAL_RULES, llama_config, llama_to_hf, ("MixtralForCausalLM", "MixtralModel")),
+    "bert": Family(
+        "bert", "bert.", BERT_RULES, bert_config, bert_to_hf,
+        ("BertForMaskedLM", "BertModel", "BertForPreTraining", "BertForSequenceClassification"),
+    ),
+}
+
+
+def family_of(hf_config: dict[str, Any], source: str | Path) -> Family:
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise LmforgeError(
+            f"{source} has model_type {model_type!r}, which lmforge cannot load; supported: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def config_from_hf(hf_config: dict[str, Any], source: str | Path = "config.json") -> ModelConfig:
+    """Translate a Hugging Face `config.json` dict into a `ModelConfig`."""
+    family = family_of(hf_config, source)
+    architecture = _first(hf_config.get("architectures")) or family.architectures[0]
+    if architecture not in family.architectures:
+        raise LmforgeError(
+            f"{source} is a {architecture}; lmforge loads {', '.join(family.architectures)} for {family.model_type}"
+        )
+    try:
+        return family.config_from_hf(hf_config, architecture)
+    except KeyError as e:
+        raise LmforgeError(f"{source} lacks the key {e.args[0]!r} that a {family.model_type} config needs") from None
+
+
+def family_for(config: ModelConfig) -> Family:
+    """The Hugging Face family that can hold a model of this shape (for saving lmforge-trained models)."""
+    if config.kind == "encoder":
+        return FAMILIES["bert"]
+    if config.n_experts:
+        return FAMILIES["mixtral"]
+    if config.positions == "learned" and config.norm == "layernorm":
+        return FAMILIES["gpt2"]
+    if config.positions == "rotary" and config.norm == "rmsnorm" and config.mlp == "swiglu":
+        return FAMILIES["mistral" if config.sliding_window else "llama"]
+    raise LmforgeError(
+        f"no Hugging Face family matches this model (positions={config.positions}, norm={config.norm}, mlp={config.mlp}); "
+        "save it in lmforge format instead"
+    )
+
+
+# ---------------------------------------------------------------- name mapping
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(f"^{escaped}$")
+
+
+def _hf_name(template: str, groups: dict[str, str], prefix: str) -> str:
+    name = template.format(**groups)
+    return name[1:] if name.startswith("^") else prefix + name
+
+
+def mapping(model: nn.Module, family: Family, prefix: str) -> list[tuple[tuple[str, ...], str, str]]:
+    """(our names, their name, transform) for every unique tensor of `model`."""
+    ours = unique_state(model)
+    out, covered = [], set()
+    for rule in family.rules:
+        first = _pattern(rule.ours[0])
+        for name in ours:
+            m = first.match(name)
+            if m is None:
+                continue
+            group = tuple(t.format(**m.groupdict()) for t in rule.ours)
+            out.append((group, _hf_name(rule.theirs, m.groupdict(), prefix), rule.transform))
+            covered.update(group)
+    uncovered = sorted(set(ours) - covered)
+    if uncovered:
+        raise LmforgeError(f"the {family.model_type} format has no place for {uncovered[:5]}; save in lmforge format")
+    return out
+
+
+# ---------------------------------------------------------------- load / save
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json lists."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing or not shards:
+            raise LmforgeError(f"{index} lists shards that are not in {folder}: {missing or 'none listed'}")
+        return [folder / s for s in shards]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise LmforgeError(
+            f"{folder} has only pickle weights (*.bin / *.pt), which lmforge never loads; convert them to safetensors"
+        )
+    raise LmforgeError(f"{folder} has no model.safetensors or model.safetensors.index.json; is the download complete?")
+
+
+def load_hf_weights(folder: Path) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for path in weight_files(folder):
+        tensors.update(read_tensors(path))
+    return tensors
+
+
+def load_hf(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Build the model a Hugging Face folder describes and fill it with its weights."""
+    folder = Path(folder)
+    hf_config = read_json(folder / "config.json")
+    config = config_from_hf(hf_config, folder / "config.json")
+    family = FAMILIES[hf_config["model_type"]]
+    tensors = load_hf_weights(folder)
+    prefix = family.prefix if any(k.startswith(family.prefix) for k in tensors) else ""
+    model = build_model(config)
+    state = _convert_to_ours(model, family, prefix, tensors, folder)
+    with torch.no_grad():
+        for name, t in unique_state(model).items():
+            t.copy_(state[name])
+    return model, config
+
+
+def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    expected = unique_state(model)
+    state: dict[str, Tensor] = {}
+    missing, misshaped, used = [], [], set()
+    for ours, theirs, transform in mapping(model, family, prefix):
+        if theirs not in tensors:
+            missing.append(theirs)
+            continue
+        used.add(theirs)
+        for name, t in zip(ours, TRANSFORMS[transform][0](tensors[theirs])):
+            if t.shape != expected[name].shape:
+                misshaped.append(f"{theirs} {tuple(tensors[theirs].shape)}")
+            state[name] = t
+    ignorable = [re.compile(p) for p in IGNORED] + [re.compile(r"^lm_head\.weight$")] * bool(model.config.tie_embeddings)
+    unexpected = sorted(k for k in tensors if k not in used and not any(p.match(k) for p in ignorable))
+    problems = [
+        f"{what} {', '.join(sorted(set(names))[:5])}{' ...' if len(set(names)) > 5 else ''}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if names
+    ]
+    if problems:
+        raise LmforgeError(
+            f"weights in {source} do not match its config.json: {'; '.join(problems)}; is the checkpoint complete and unmodified?"
+        )
+    return state
+
+
+def hf_state(model: nn.Module, family: Family, prefix: str) -> dict[str, Tensor]:
+    """The model's weights under Hugging Face names."""
+    ours = unique_state(model)
+    return {theirs: TRANSFORMS[t][1](tuple(ours[n] for n in names)) for names, theirs, t in mapping(model, family, prefix)}
+
+
+def save_hf(model: nn.Module, folder: str | Path) -> None:
+    """Write config.json + model.safetensors that `transformers.AutoModel*.from_pretrained` loads."""
+    folder = Path(folder)
+    config: ModelConfig = model.config
+    family = family_for(config)
+    architecture = family.architectures[0] if config.kind == "decoder" or config.mlm_head else "BertModel"
+    prefix = "" if architecture == "BertModel" else family.prefix
+    tensors = {k: v.float() if v.dtype == torch.float32 else v for k, v in hf_state(model, family, prefix).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+    hf_config = {
+        "model_type": family.model_type, "architectures": [architecture], **family.config_to_hf(config),
+        "bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "pad_token_id": config.pad_id,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    write_json(folder / "config.json", hf_config)
+
+
+def is_hf_folder(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    return cfg.is_file() and "model_type" in read_json(cfg)
+
+
+__all__ = ["FAMILIES", "config_from_hf", "is_hf_folder", "load_hf", "save_hf", "tensor_names"]

@@ -1,0 +1,138 @@
+"""Reading and writing tensors and small files safely.
+
+Every write goes to a temporary name in the destination folder and is renamed into place,
+so a reader never sees a half-written file. Every read turns the low-level failure of a
+missing, truncated or mis-shaped file into one line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename the temporary file to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path} does not exist; is this a model folder?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path} is not valid JSON ({e}); restore or re-create it") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path} must hold a JSON object")
+    return data
+
+
+def write_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save `tensors` as safetensors, atomically; views that share storage are copied apart."""
+    storages = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    plain = {
+        k: (t.detach().clone() if storages[t.untyped_storage().data_ptr()] > 1 else t.detach()).contiguous()
+        for k, t in tensors.items()
+    }
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+
+
+def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, Tensor]:
+    """Load tensors from a safetensors file (all of them, or `keys`), with a clear error if it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LmforgeError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "it may be truncated: copy or save it again"
+        ) from None
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LmforgeError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "it may be truncated: copy or save it again"
+        ) from None
+
+
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict without the second name of tied parameters."""
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t.detach()
+    return out
+
+
+def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str | Path) -> None:
+    """Copy `tensors` into `model`, failing with the names of missing, unexpected and mis-shaped ones."""
+    expected = unique_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{k} {tuple(tensors[k].shape)} (model expects {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if misshaped:
+        problems.append(f"wrong shape {_names(misshaped)}")
+    if problems:
+        raise LmforgeError(
+            f"weights in {source} do not match the model config: {'; '.join(problems)}; "
+            "check that config.json belongs to these weights"
+        )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

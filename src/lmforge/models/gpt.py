@@ -1,0 +1,86 @@
+"""The decoder: GPT-2, LLaMA, Mistral and Mixtral from one class.
+
+The families differ only in the components `ModelConfig` selects when the model is built:
+learned vs rotary positions, LayerNorm vs RMSNorm, GELU MLP vs SwiGLU vs mixture of experts,
+full vs sliding-window attention, tied vs untied output embeddings. `forward` is the same
+straight line for all of them: embed, add positions, blocks, final norm, output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.kv_cache import CacheView
+from lmforge.models.layers import Block, attention_mask, init_weights, make_norm, make_positions
+
+
+def default_positions(input_ids: Tensor) -> Tensor:
+    B, T = input_ids.shape
+    return torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+
+
+class GPT(nn.Module):
+    """A causal decoder: `model(ids)` -> logits (B, T, vocab_size)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.positions = make_positions(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: CacheView | None = None,
+    ) -> list[Tensor]:
+        """The residual stream after the embeddings and after every block, the last one normed.
+
+        `attention_mask` (B, T) marks padding with 0; `positions` (B, T) default to 0..T-1;
+        with a `cache`, keys and values of earlier steps are attended to and this step's are stored.
+        """
+        positions = default_positions(input_ids) if positions is None else positions
+        x = self.drop(self.positions.add(self.embed(input_ids), positions))  # (B, T, dim)
+        rope = self.positions.angles(positions)
+        mask = self._mask(positions, attention_mask, cache)
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+            states.append(x)
+        states[-1] = self.norm(x)
+        if cache is not None:
+            cache.commit()
+        return states
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: CacheView | None = None,
+    ) -> Tensor:
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)[-1]
+        return self.lm_head(h)  # (B, T, vocab_size)
+
+    def _mask(self, positions: Tensor, padding: Tensor | None, cache: CacheView | None) -> Tensor | None:
+        """None when plain causality is all there is (the fused kernel's fast path)."""
+        window = self.config.sliding_window
+        if cache is not None:
+            return attention_mask(positions, cache.prepare(positions), causal=True, window=window)
+        if padding is None and window is None:
+            return None
+        mask = attention_mask(positions, positions, causal=True, window=window, k_valid=padding)
+        diagonal = torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
+        return mask | diagonal  # a padding query attends to itself, so no row is empty (no NaN)

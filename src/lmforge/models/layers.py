@@ -1,0 +1,321 @@
+"""Building blocks shared by every architecture: norms, positions, attention, MLPs, experts.
+
+Design choices:
+- Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`),
+  so every `forward` below is straight-line code.
+- Attention always goes through PyTorch's fused `scaled_dot_product_attention`. Causality,
+  padding, sliding windows and the KV cache are all expressed the same way: each query and
+  each key carries its absolute position, and `attention_mask` turns positions into a boolean
+  mask. When nothing but plain causality applies, no mask is built and the fused kernel's
+  `is_causal` path is used.
+- Rotary embeddings use the "rotate half" layout of Hugging Face checkpoints, so LLaMA-family
+  weights load without permuting q/k rows.
+- Grouped-query attention never copies keys/values per query head (`enable_gqa`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+Rope = tuple[Tensor, Tensor] | None  # (cos, sin), each (B, 1, T, head_dim), or None without rotary positions
+
+
+# ---------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (LLaMA), computed in float32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.dim, config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# ---------------------------------------------------------------- positions
+
+
+class NoPositions(nn.Module):
+    """Position-free models: nothing added, nothing rotated."""
+
+    def add(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x
+
+    def angles(self, positions: Tensor) -> Rope:
+        return None
+
+
+class LearnedPositions(NoPositions):
+    """A trained table of position vectors added to the token embeddings (GPT-2, BERT)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.max_seq_len, config.dim))
+
+    def add(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x + F.embedding(positions, self.weight)  # (B, T, dim)
+
+
+class SinusoidalPositions(NoPositions):
+    """The fixed sine/cosine table of Vaswani et al. (2017), added to the embeddings."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        pos = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, config.dim, 2, dtype=torch.float32) * (-math.log(10000.0) / config.dim))
+        table = torch.zeros(config.max_seq_len, config.dim)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq[: config.dim // 2])
+        self.register_buffer("table", table, persistent=False)
+
+    def add(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x + self.table[positions].to(x.dtype)  # (B, T, dim)
+
+
+def rope_frequencies(config: ModelConfig) -> Tensor:
+    """Inverse frequencies of rotary embeddings, with optional linear or LLaMA-3 scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling.get("type") == "llama3":
+        return _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: Tensor, s: dict) -> Tensor:
+    """LLaMA 3.1 frequency scaling: long wavelengths slowed by `factor`, a smooth ramp between."""
+    factor, low, high, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_seq_len"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryPositions(NoPositions):
+    """Rotary position embeddings (Su et al., 2021): q and k are rotated by position-dependent angles."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def angles(self, positions: Tensor) -> Rope:
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        return emb.cos(), emb.sin()
+
+
+def make_positions(config: ModelConfig) -> NoPositions:
+    kinds = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions, "rotary": RotaryPositions}
+    return kinds[config.positions](config) if config.positions in kinds else NoPositions()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: Tensor, k: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    cos, sin = rope
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def no_rotation(q: Tensor, k: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    return q, k
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_mask(
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    k_valid: Tensor | None = None,
+) -> Tensor:
+    """Boolean mask (B, 1, T, S), True where query t may attend key s.
+
+    `q_pos` (B, T) and `k_pos` (B, S) are absolute positions; a key position of -1 marks an
+    empty cache slot. `k_valid` (B, S) marks padding keys as False.
+    """
+    q = q_pos[:, None, :, None]  # (B, 1, T, 1)
+    k = k_pos[:, None, None, :]  # (B, 1, 1, S)
+    allowed = k >= 0
+    if causal:
+        allowed = allowed & (k <= q)
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, None, :].bool()
+    return allowed
+
+
+def _sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=True)
+
+
+def _sdpa_repeat(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
+    groups = q.shape[1] // k.shape[1]  # torch < 2.5 has no enable_gqa: repeat kv heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+sdpa: Callable[..., Tensor] = _sdpa_gqa if _SDPA_HAS_GQA else _sdpa_repeat
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.causal = config.causal
+        self.dropout = config.dropout
+        bias = config.attn_bias
+        self.q = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.rotate = apply_rotary if config.positions == "rotary" else no_rotation
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        q, k = self.rotate(q, k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv_heads, S, head_dim)
+        dropout = self.dropout if self.training else 0.0
+        y = sdpa(q, k, v, mask, dropout, self.causal and mask is None)  # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
+        return self.resid_drop(self.o(y))
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+class GeluMLP(nn.Module):
+    """Two projections with a GELU between (GPT-2 uses the tanh approximation, BERT the exact one)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x), approximate=self.approximate)))
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of LLaMA (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts with top-k routing (Mixtral).
+
+    Router probabilities are a softmax over all experts; the chosen top-k are renormalised
+    to sum to one. After each forward, `aux_loss` holds the Switch-Transformer load-balancing
+    loss, n_experts * sum_e (fraction of routed tokens to e) * (mean router probability of e),
+    which training objectives add with `router_aux_loss_coef`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.n_experts_per_token
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config) for _ in range(config.n_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)  # (N, dim)
+        probs = F.softmax(self.router(flat).float(), dim=-1)  # (N, n_experts)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, top_k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        self.aux_loss = self._balance_loss(probs, chosen)
+        return out.view(B, T, D)
+
+    def _balance_loss(self, probs: Tensor, chosen: Tensor) -> Tensor:
+        n_experts = probs.shape[-1]
+        routed = F.one_hot(chosen, n_experts).float().sum(1).mean(0)  # (n_experts,) tokens routed per token
+        return n_experts * (routed * probs.mean(0)).sum()
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    if config.n_experts:
+        return MoE(config)
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = make_norm(config)
+        self.mlp = make_mlp(config)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """Normal(0, init_std) weights, zero biases, unit norms; residual projections scaled by 1/sqrt(2L) (GPT-2)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = config.init_std
+            if name.endswith((".o", ".down")):
+                std = std / math.sqrt(2 * config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Embedding, LearnedPositions)):
+            nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
