@@ -11,7 +11,8 @@ Design choices:
   special cases.
 - Sliding-window models get a rolling cache of `window` columns: position p lives in column
   p % window. Keys are stored after rotary rotation, so their order in the buffer does not
-  matter. A multi-token step on a rolling cache attends over the old columns plus the new
+  matter. `spare` extra columns keep keys that a rollback may need again (speculative
+  decoding writes k draft tokens that can be rejected). A multi-token step on a rolling cache attends over the old columns plus the new
   keys before the new ones overwrite the oldest, so no needed key is lost.
 """
 
@@ -33,13 +34,14 @@ class KVCache:
         n_slots: int,
         *,
         capacity: int | None = None,
+        spare: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         capacity = min(capacity or config.max_seq_len, config.max_seq_len)
         window = config.sliding_window
-        self.rolling = window is not None and window < capacity
-        self.capacity = window if self.rolling else capacity
+        self.rolling = window is not None and window + spare < capacity
+        self.capacity = window + spare if self.rolling else capacity
         shape = (n_slots, config.n_kv_heads, self.capacity, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
@@ -50,6 +52,18 @@ class KVCache:
     def reset(self, start: int = 0, stop: int | None = None) -> None:
         """Forget the sequences in slots [start, stop)."""
         self.key_pos[start:stop] = -1
+
+    def rollback(self, slot: int, length: int) -> None:
+        """Forget every token of `slot` from position `length` on (rejected speculative tokens)."""
+        row = self.key_pos[slot]
+        row[row >= length] = -1
+
+    def reorder(self, order: Tensor) -> None:
+        """Slot i takes the contents of slot order[i] (beam search)."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][: len(order)] = self.keys[layer][order]
+            self.values[layer][: len(order)] = self.values[layer][order]
+        self.key_pos[: len(order)] = self.key_pos[order]
 
     def view(self, start: int = 0, stop: int | None = None) -> CacheView:
         """The slots [start, stop) as the cache of one forward pass."""
