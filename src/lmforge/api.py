@@ -1,0 +1,197 @@
+"""The public Python API: `lmforge.load(path)` returns an `LM` that generates, chats, embeds and saves.
+
+Text lives here (and in serve/ and the CLI); the engine below knows token ids only.
+`TextStream` turns generated ids into text pieces: UTF-8-safe (the incremental detokenizer)
+and aware of stop strings, holding back just enough text to never show the start of a stop
+string that then completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.checkpoint import load_model, save_hf, save_native
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.generate.engine import Engine, Request, Token
+from lmforge.generate.sampling import SamplingParams
+from lmforge.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Message = dict[str, Any]
+
+
+class TextStream:
+    """Token ids in, text pieces out; stops at the first stop string (which is not emitted)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Text that is now certain, or "" (mid-character or possibly a stop string's start)."""
+        return self._release(self.detok.push(token_id), final=False)
+
+    def flush(self) -> str:
+        return self._release(self.detok.flush(), final=True)
+
+    def _release(self, text: str, *, final: bool) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        cut = len(self.pending) if final else max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+
+@dataclass
+class LM:
+    """A model with its tokenizer."""
+
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    path: Path | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------ text in, text out
+
+    def sampling(
+        self,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+    ) -> SamplingParams:
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+        )
+
+    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
+               truncate_left: bool = False, **sampling: Any) -> Iterator[str]:
+        """Yield the continuation of `prompt` as text pieces while it is generated."""
+        ids = self._tok().encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        yield from self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling))
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> str:
+        """The continuation of `prompt` (see `stream` for the arguments)."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def chat(self, messages: list[Message], **kwargs: Any) -> str:
+        """The assistant's reply to a conversation, rendered through the tokenizer's chat template."""
+        return "".join(self.stream_chat(messages, **kwargs))
+
+    def stream_chat(self, messages: list[Message], *, max_new_tokens: int = 256, stop: Sequence[str] = (),
+                    truncate_left: bool = False, **sampling: Any) -> Iterator[str]:
+        ids = self._tok().apply_chat_template(messages, add_generation_prompt=True)
+        yield from self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling))
+
+    def request(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams, *,
+                truncate_left: bool = False, logprobs: int | None = None) -> Request:
+        """An engine request that stops at the end-of-turn and end-of-sequence tokens."""
+        tok = self.tokenizer
+        stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None} if tok else set()
+        if self.config.eos_id is not None:
+            stop_ids.add(self.config.eos_id)
+        return Request(ids, max_new_tokens, sampling, frozenset(stop_ids), logprobs, truncate_left)
+
+    def tokens(self, request: Request, engine: Engine | None = None) -> Iterator[Token]:
+        """Run one request on `engine` (or a fresh one) and yield its tokens."""
+        yield from (engine or Engine(self.model, n_slots=1)).stream(request)
+
+    def _stream_ids(self, ids: list[int], max_new_tokens: int, stop: Sequence[str], truncate_left: bool,
+                    sampling: SamplingParams) -> Iterator[str]:
+        text = TextStream(self._tok(), stop)
+        for t in self.tokens(self.request(ids, max_new_tokens, sampling, truncate_left=truncate_left)):
+            piece = text.push(t.token)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        tail = text.flush()
+        if tail:
+            yield tail
+
+    # ------------------------------------------------------------ embeddings and scores
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Mean-pooled, L2-normalised final hidden states (N, dim)."""
+        tok = self._tok()
+        encoded = [tok.encode(t, add_special_tokens=True)[: self.config.max_seq_len] or [tok.pad_id or 0] for t in texts]
+        ids, mask = pad_batch(encoded, tok.pad_id or 0)
+        hidden = self.model.eval().hidden_states(ids, attention_mask=mask)[-1]  # (N, T, dim)
+        m = mask[..., None].to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, dim)
+        return F.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 under the model (the scoring behind `echo` + `logprobs`)."""
+        x = torch.tensor([ids])
+        lp = self.model.eval()(x).float().log_softmax(-1)[0, :-1]  # (T - 1, V)
+        return lp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+
+    # ------------------------------------------------------------ saving
+
+    def save(self, folder: str | Path) -> None:
+        """lmforge format: config.json + model.safetensors + tokenizer files."""
+        save_native(self.model, folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder)
+
+    def save_hf(self, folder: str | Path) -> None:
+        """Hugging Face format, loadable by `transformers.AutoModel*.from_pretrained`."""
+        save_hf(self.model, folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder)
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            where = self.path or "the model folder"
+            raise LmforgeError(f"{where} has no tokenizer.json; text in and out needs one (token ids work without)")
+        return self.tokenizer
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Pad id lists to one (B, T) tensor; returns (ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LM:
+    """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json)."""
+    folder = Path(path)
+    model, _ = load_model(folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    model = model.to(device).eval()
+    tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
+    return LM(model, tokenizer, folder)

@@ -1,0 +1,184 @@
+"""The `lmforge` command: thin verbs over library functions.
+
+Each verb parses its arguments, calls the library, and prints. Training verbs take
+`--config FILE.yaml` plus `--section.key value` overrides generated from the config
+dataclasses (see `lmforge.recipes`). A `LmforgeError` is printed as one line
+(`lmforge: error: ...`) with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# ---------------------------------------------------------------- generate / chat
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import lmforge
+
+    lm = lmforge.load(args.model)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    if args.json:
+        ids = lm.tokenizer.encode(args.prompt, add_special_tokens=True)
+        req = lm.request(ids, args.max_new_tokens, lm.sampling(**sampling))
+        from lmforge.api import TextStream
+
+        stream, tokens, finish, text = TextStream(lm.tokenizer, args.stop), [], "length", []
+        for t in lm.tokens(req):
+            tokens.append(t.token)
+            text.append(stream.push(t.token))
+            finish = t.finish_reason or finish
+            if stream.stopped:
+                finish = "stop"
+                break
+        text.append(stream.flush())
+        print(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": finish}, ensure_ascii=False))
+        return
+    for piece in lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.chat_repl import run_chat
+
+    run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_p=args.top_p, seed=args.seed)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.app import run_server
+
+    run_server(
+        args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
+        n_slots=args.slots, max_queue=args.max_queue, max_tokens=args.max_tokens, max_n=args.max_n,
+        max_body_bytes=args.max_body_bytes, model_name=args.model_name,
+    )
+
+
+# ---------------------------------------------------------------- conversion and checks
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import lmforge
+
+    lm = lmforge.load(args.model)
+    out = Path(args.out)
+    if args.to == "hf":
+        lm.save_hf(out)
+    else:
+        lm.save(out)
+    print(f"wrote {args.to} checkpoint to {out}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    import platform
+
+    import torch
+
+    import lmforge
+
+    print(f"lmforge {lmforge.__version__} · python {platform.python_version()} · torch {torch.__version__}")
+    print(f"threads {torch.get_num_threads()} · cuda {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()})" if torch.cuda.is_available() else ""))
+    for name in ("tokenizers", "safetensors", "transformers", "fastapi", "uvicorn"):
+        try:
+            mod = __import__(name)
+            print(f"{name} {getattr(mod, '__version__', '?')}")
+        except ImportError:
+            print(f"{name} not installed")
+    if args.model:
+        lm = lmforge.load(args.model)
+        n = sum(p.numel() for p in lm.model.parameters())
+        print(f"{args.model}: {lm.config.kind}, {n / 1e6:.2f}M parameters, context {lm.config.max_seq_len}, "
+              f"tokenizer {'yes' if lm.tokenizer else 'no'}")
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, align, run and serve transformer language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    from lmforge import recipes
+
+    recipes.add_verbs(verbs)
+
+    p = verbs.add_parser("generate", help="continue a prompt (streams to the terminal)")
+    p.add_argument("model", help="run folder or Hugging Face folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print text, tokens and finish reason as JSON")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("chat", help="interactive chat (/reset, /system TEXT, /quit; Ctrl-C stops a reply)")
+    p.add_argument("model")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMFORGE_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    p.add_argument("--slots", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-tokens", type=int, default=2048, help="cap on max_tokens per request")
+    p.add_argument("--max-n", type=int, default=8, help="cap on n per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on the request body size")
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("convert", help="convert between lmforge and Hugging Face folders")
+    p.add_argument("model")
+    p.add_argument("--to", choices=("hf", "lmforge"), default="hf")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("doctor", help="report versions, devices and (optionally) a model")
+    p.add_argument("model", nargs="?")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

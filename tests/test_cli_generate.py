@@ -1,0 +1,69 @@
+"""`lmforge generate`, `lmforge chat` and `lmforge convert` driven as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmforge
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_generate_json_matches_library(tiny_lm_dir):
+    out = run("generate", str(tiny_lm_dir), "--prompt", "The quick", "--max-new-tokens", "8", "--temperature", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    lm = lmforge.load(tiny_lm_dir)
+    assert data["text"] == lm.generate("The quick", max_new_tokens=8, temperature=0)
+    assert len(data["tokens"]) <= 8 and data["finish_reason"] in ("stop", "length")
+
+
+def test_stream_pieces_join_to_full_text(tiny_lm_dir):
+    lm = lmforge.load(tiny_lm_dir)
+    pieces = list(lm.stream("你好", max_new_tokens=30, temperature=1.0, seed=3))
+    ids = lm.tokenizer.encode("你好", add_special_tokens=True)
+    tokens = [t.token for t in lm.tokens(lm.request(ids, 30, lm.sampling(temperature=1.0, seed=3)))]
+    tokens = [t for t in tokens if t not in (lm.tokenizer.eot_id, lm.tokenizer.eos_id)]
+    assert "".join(pieces) == lm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_stop_string_spanning_tokens(tiny_lm_dir):
+    lm = lmforge.load(tiny_lm_dir)
+    full = lm.generate("The", max_new_tokens=40, temperature=1.0, seed=7)
+    assert len(full) > 6
+    stop = full[3:6]  # three characters, usually spanning token boundaries
+    cut = lm.generate("The", max_new_tokens=40, temperature=1.0, seed=7, stop=[stop])
+    assert cut == full[: full.find(stop)]
+
+
+def test_chat_repl_with_piped_stdin(tiny_lm_dir):
+    script = "hello there\n/system be brief\nsecond message\n/reset\n/quit\n"
+    out = run("chat", str(tiny_lm_dir), "--max-new-tokens", "5", "--temperature", "0", stdin=script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("assistant>") == 2
+    assert "(system prompt set)" in out.stdout and "(conversation reset)" in out.stdout
+
+
+def test_convert_to_hf_and_back(tiny_lm_dir, tmp_path):
+    out = run("convert", str(tiny_lm_dir), "--to", "hf", "--out", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stderr
+    a, b = lmforge.load(tiny_lm_dir), lmforge.load(tmp_path / "hf")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(ids), b.model(ids))
+    assert b.tokenizer.encode("hello") == a.tokenizer.encode("hello")
+
+
+@pytest.mark.parametrize("args", [["generate", "/no/such/model", "--prompt", "x"], ["doctor", "/no/such/model"]])
+def test_bad_path_is_one_line(args):
+    out = run(*args)
+    assert out.returncode == 2
+    assert out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
