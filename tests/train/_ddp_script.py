@@ -1,0 +1,153 @@
+"""A toy language model, loader and objective for the training-loop tests, plus a runnable entry.
+
+The tests import the pieces directly; the subprocess tests (kill-and-resume, torchrun DDP)
+run this file as a script:
+
+    python tests/train/_ddp_script.py --out DIR --steps 8 [--kill-after-save 4] ...
+    python -m torch.distributed.run --nproc_per_node 2 tests/train/_ddp_script.py --out DIR ...
+
+Under torchrun each rank draws the same global batch and keeps its slice of the rows, so a
+2-process run sees exactly the data of a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model
+from torch import Tensor, nn
+
+from lmforge.train.distributed import DistInfo, cleanup, init_distributed
+from lmforge.train.loop import ObjectiveOutput, TrainConfig, TrainResult, train
+from lmforge.train.report import Callback
+
+VOCAB = 23
+SEQ_LEN = 9
+
+
+class ToyLM(nn.Module):
+    """Embedding -> dropout -> MLP -> norm -> head: enough to have 1-D and 2-D parameters."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.drop(self.emb(ids))  # (B, T, dim)
+        x = x + torch.tanh(self.fc(x))
+        return self.head(self.norm(x))  # (B, T, vocab)
+
+
+def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+    """Next-token cross-entropy summed over the unmasked targets."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    logits = model(ids[:, :-1])  # (B, T-1, V)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    n = (targets != -100).sum()
+    return ObjectiveOutput(loss_sum=loss_sum, n_targets=n, metrics={"mask_fraction": float(n) / targets.numel()})
+
+
+def make_batch(rng: np.random.Generator, rows: int) -> dict[str, Tensor]:
+    """Random token rows with a random loss mask, so micro-batches hold different target counts."""
+    ids = torch.from_numpy(rng.integers(0, VOCAB, size=(rows, SEQ_LEN)))
+    mask = torch.from_numpy((rng.random((rows, SEQ_LEN)) < 0.7).astype(np.int64))
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+class ToyLoader:
+    """Draws a global batch of `global_rows` per call and returns this rank's slice of it."""
+
+    def __init__(self, global_rows: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.rng = np.random.default_rng(seed)
+        per_rank = global_rows // world_size
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.global_rows = global_rows
+
+    def next_batch(self) -> dict[str, Tensor]:
+        batch = make_batch(self.rng, self.global_rows)
+        return {k: v[self.rows] for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = d["rng"]
+
+
+def eval_batches(n: int = 3, rows: int = 4) -> Iterator[dict[str, Tensor]]:
+    """The same `n` validation batches on every call."""
+    rng = np.random.default_rng(1234)
+    for _ in range(n):
+        yield make_batch(rng, rows)
+
+
+def save_toy_model(model: nn.Module, folder: Path) -> None:
+    """What a real save_model does: config.json + model.safetensors."""
+    (folder / "config.json").write_text(json.dumps({"vocab": VOCAB}))
+    save_model(model, str(folder / "model.safetensors"))
+
+
+class KillAfterSave(Callback):
+    """SIGKILLs this process right after the checkpoint of `step` is complete."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, step: int, path: Path) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_toy(
+    out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
+    save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
+    dist_info: DistInfo | None = None,
+) -> TrainResult:
+    """Train a fresh ToyLM (same initial weights every time) for `steps` steps into `out`."""
+    torch.manual_seed(0)  # identical initial weights on every rank and in every run
+    model = ToyLM(dropout=dropout)
+    rank, world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
+    cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,
+                      eval_every=eval_every, eval_batches=2, save_every=save_every, keep_last=2,
+                      log_every=1, seed=3)
+    return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save_toy_model,
+                 callbacks=callbacks or [], dist_info=dist_info)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=3)
+    parser.add_argument("--kill-after-save", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    info = init_distributed(device="cpu")
+    run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
+            dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
+            callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
