@@ -1,0 +1,100 @@
+"""Decode speed: lmforge's engine against `transformers` generate on the same random weights.
+
+GPT-2-small and SmolLM-135M shapes, batch 1 and batch 8, 128 new tokens, fp32, greedy.
+Also the fraction of the memory-bandwidth bound: each decode step must read every weight
+once, so tokens/s can be at most bandwidth / weight bytes (x batch). Bandwidth is measured
+in this run with a streaming matrix-vector product over a ~1 GB matrix.
+
+    python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from functools import partial
+
+import torch
+import transformers
+
+from lmforge.checkpoint import load_model
+from lmforge.generate.engine import Engine, Request
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a streaming torch.mv over a ~1 GB fp32 matrix (best of 5)."""
+    m = torch.randn(16384, 16384)
+    v = torch.randn(16384)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mv(m, v)
+        best = min(best, time.perf_counter() - t)
+    return m.numel() * 4 / best
+
+
+def hf_model(shape: str):
+    if shape == "gpt2":
+        cfg = transformers.GPT2Config(n_positions=1024)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def hf_generate(hf, prompts: torch.Tensor, n: int) -> None:
+    with torch.inference_mode():
+        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def lmforge_generate(engine: Engine, prompts: torch.Tensor, n: int) -> None:
+    engine.generate([Request(p.tolist(), max_new_tokens=n) for p in prompts])
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth()
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    first = None
+    for shape in ("gpt2", "smollm-135m"):
+        hf = hf_model(shape)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            ours, _ = load_model(tmp)
+        ours.eval()
+        weight_bytes = sum(p.numel() for p in ours.parameters()) * 4
+        for batch in (1, 8):
+            prompts = torch.randint(0, 1000, (batch, args.prompt_len))
+            n = args.new_tokens
+
+            run_hf = partial(hf_generate, hf, prompts, n)
+            run_ours = partial(lmforge_generate, Engine(ours, n_slots=batch, max_len=args.prompt_len + n + 1), prompts, n)
+            t_hf, t_ours = time_it(run_hf, args.repeats), time_it(run_ours, args.repeats)
+            hf_tok_s, ours_tok_s = batch * n / t_hf, batch * n / t_ours
+            bound = bandwidth / weight_bytes * batch  # tokens/s if each step only read the weights once
+            print(f"{shape:12s} batch {batch}: lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
+                  f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
+            if first is None:
+                first = (ours_tok_s / hf_tok_s, ours_tok_s, hf_tok_s)
+    print(f"ratio={first[0]:.2f} lmforge_tok_s={first[1]:.1f} hf_tok_s={first[2]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
