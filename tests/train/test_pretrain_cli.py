@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import lmforge
 
+CONFIG = Path(__file__).parents[2] / "configs" / "shakespeare-char.yaml"
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 300
 
 
@@ -30,7 +32,7 @@ def shards(tmp_path_factory):
 
 
 def pretrain(shards, out_dir, *extra):
-    return lmforge_cli("pretrain", "--config", "configs/shakespeare-char.yaml", "--data.shards", shards, "--out-dir", out_dir,
+    return lmforge_cli("pretrain", "--config", CONFIG, "--data.shards", shards, "--out-dir", out_dir,
                        "--train.steps", "30", "--train.batch_size", "4", "--train.eval_every", "10", "--train.eval_batches", "2",
                        "--train.save_every", "10", "--train.lr", "3e-3", "--train.warmup_steps", "5", "--model.n_layers", "2",
                        *extra, cwd=None)
