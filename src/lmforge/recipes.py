@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,7 @@ def _field_comment(cls: type, name: str) -> str:
 
 def _parse_value(text: str, annotation: Any, flag: str) -> Any:
     """Convert a command-line string to the field's type (int, float, bool, str, dict, or None)."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | vars(types))  # noqa: S307
+    hint = annotation
     args = typing.get_args(hint)
     if text.lower() in ("none", "null") and type(None) in args:
         return None
@@ -115,8 +114,7 @@ def load_recipe(args: argparse.Namespace, sections: dict[str, type]) -> dict[str
             continue
         section, name = key.split(".", 1)
         cls = sections[section]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        parsed = value if name == "preset" else _parse_value(value, fields[name].type, f"--{key}")
+        parsed = value if name == "preset" else _parse_value(value, typing.get_type_hints(cls)[name], f"--{key}")
         recipe.setdefault(section, {})[name] = parsed
     if args.out_dir:
         recipe["out_dir"] = args.out_dir

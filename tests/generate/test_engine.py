@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,9 +12,8 @@ from lmforge.generate.engine import Engine, Request, beam_search, speculative_ge
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models import build_model
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
 transformers = pytest.importorskip("transformers")
-from conftest import hf_model  # noqa: E402
+from hf_tiny import hf_model  # noqa: E402
 
 
 def hf_greedy(model, prompt, n):

@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face models, one per family (shared by the parity and engine tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def _decoder_common(**kw):
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, **kw)
+
+
+def hf_model(family: str, **overrides):
+    """(model, config) for a tiny random HF model of `family`."""
+    t = transformers
+    if family == "gpt2":
+        cfg = t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **overrides)
+        cls = t.GPT2LMHeadModel
+    elif family == "llama":
+        cfg = t.LlamaConfig(**_decoder_common(**{"num_key_value_heads": 2, **overrides}))
+        cls = t.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = t.MistralConfig(**_decoder_common(**{"num_key_value_heads": 2, "sliding_window": 5, **overrides}))
+        cls = t.MistralForCausalLM
+    elif family == "mixtral":
+        cfg = t.MixtralConfig(**_decoder_common(**{"num_key_value_heads": 2, "num_local_experts": 4,
+                                                   "num_experts_per_tok": 2, **overrides}))
+        cls = t.MixtralForCausalLM
+    elif family in ("bert", "bert-mlm"):
+        cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, **overrides)
+        cls = t.BertForMaskedLM if family == "bert-mlm" else t.BertModel
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # HF inits some norms/biases to constants; randomise so the test sees every tensor
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save(model, path):
+    model.save_pretrained(path)
+    return path
+
+
