@@ -31,7 +31,6 @@ from lmforge.generate.sampling import (
     logprobs,
     make_generator,
     next_tokens,
-    top_logprobs,
     update_counts,
 )
 from lmforge.models.kv_cache import KVCache
@@ -196,7 +195,7 @@ class Engine:
         if lp is not None and run.request.logprobs is not None:
             event.logprob = float(lp[token])
             if run.request.logprobs > 0:
-                values, ids = top_logprobs(lp, run.request.logprobs)
+                values, ids = lp.topk(run.request.logprobs)  # lp is already log-probabilities
                 event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
         if token in run.request.stop_ids:
             event.finish_reason = "stop"
