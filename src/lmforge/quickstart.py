@@ -18,7 +18,7 @@ from lmforge.errors import LmforgeError
 CORPUS_BYTES = 6_000_000  # enough text that a few minutes of training never repeats much
 VOCAB_SIZE = 2048
 MODEL = dict(preset="tiny-llama", dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=256)
-TRAIN = dict(steps=400, batch_size=16, lr=4e-3, min_lr=4e-4, warmup_steps=40, eval_every=100, eval_batches=4,
+TRAIN = dict(steps=340, batch_size=16, lr=4e-3, min_lr=4e-4, warmup_steps=40, eval_every=100, eval_batches=4,
              save_every=200, log_every=10, weight_decay=0.1, resume="never")
 PROMPTS = ("def ", "import os\n", "class ")
 
