@@ -217,3 +217,8 @@ def add_verbs(verbs: argparse._SubParsersAction) -> None:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(p, _sections())
     p.set_defaults(func=cmd_pretrain)
+
+    from lmforge import cli_align, cli_finetune
+
+    cli_finetune.add_verbs(verbs)
+    cli_align.add_verbs(verbs)
