@@ -67,3 +67,17 @@ def test_bad_path_is_one_line(args):
     out = run(*args)
     assert out.returncode == 2
     assert out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_then_generate(tiny_lm_dir, tmp_path, bits):
+    out = run("quantize", str(tiny_lm_dir), "--bits", str(bits), "--out", str(tmp_path / "q"))
+    assert out.returncode == 0, out.stderr
+    assert "MiB ->" in out.stdout
+    q, full = lmforge.load(tmp_path / "q"), lmforge.load(tiny_lm_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        a, b = q.model(ids), full.model(ids)
+    assert (a - b).abs().max() < 0.25 * b.abs().max()  # close, not equal: weights are rounded
+    gen = run("generate", str(tmp_path / "q"), "--prompt", "The", "--max-new-tokens", "4", "--temperature", "0", "--json")
+    assert gen.returncode == 0, gen.stderr

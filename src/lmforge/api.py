@@ -22,6 +22,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token
 from lmforge.generate.sampling import SamplingParams
+from lmforge.models.heads import HEAD_CONFIG, load_head_model
 from lmforge.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Message = dict[str, Any]
@@ -153,11 +154,19 @@ class LM:
         lp = self.model.eval()(x).float().log_softmax(-1)[0, :-1]  # (T - 1, V)
         return lp.gather(-1, x[0, 1:, None])[:, 0].tolist()
 
+    def score(self, prompt: str | list[Message], response: str) -> float:
+        """A reward model's score of `response` to `prompt` (a folder written by `lmforge reward`)."""
+        from lmforge.train.align import score_texts
+
+        return score_texts(self.model, self._tok(), [prompt], [response])[0]
+
     # ------------------------------------------------------------ saving
 
     def save(self, folder: str | Path) -> None:
-        """lmforge format: config.json + model.safetensors + tokenizer files."""
-        save_native(self.model, folder)
+        """lmforge format: config.json + model.safetensors + tokenizer files (quantized models keep their format)."""
+        from lmforge.quantize import quantized_layers, save_quantized
+
+        (save_quantized if quantized_layers(self.model) else save_native)(self.model, folder)
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
 
@@ -188,8 +197,15 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
 
 def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LM:
     """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json)."""
+    from lmforge.quantize import is_quantized_folder, load_quantized
+
     folder = Path(path)
-    model, _ = load_model(folder)
+    if (folder / HEAD_CONFIG).is_file():
+        model = load_head_model(folder)  # a classifier or reward model
+    elif folder.is_dir() and is_quantized_folder(folder):
+        model = load_quantized(folder)
+    else:
+        model = load_model(folder)[0]
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device).eval()

@@ -83,6 +83,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint to {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import lmforge
+    from lmforge.quantize import model_bytes, quantize_model
+
+    lm = lmforge.load(args.model)
+    before = model_bytes(lm.model)
+    quantize_model(lm.model, bits=args.bits, group_size=args.group_size, skip=args.skip)
+    lm.save(args.out)
+    print(f"wrote int{args.bits} weights to {args.out}: {before / 2**20:.1f} MiB -> {model_bytes(lm.model) / 2**20:.1f} MiB")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     import platform
 
@@ -159,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf", "lmforge"), default="hf")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("quantize", help="weight-only int8 / int4 quantization (generate, chat and serve load it)")
+    p.add_argument("model")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size")
+    p.add_argument("--skip", nargs="*", default=["lm_head"], help="layer-name patterns left in float")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("doctor", help="report versions, devices and (optionally) a model")
     p.add_argument("model", nargs="?")

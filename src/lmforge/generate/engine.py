@@ -157,7 +157,7 @@ class Engine:
         self.cache.reset(slot, slot + 1)
         ids = torch.tensor([request.prompt], device=self.device)  # (1, T)
         positions = torch.arange(ids.shape[1], device=self.device)[None]  # (1, T)
-        logits = self.model(ids, positions=positions, cache=self.cache.view(slot, slot + 1))[:, -1]  # (1, V)
+        logits = self._last_logits(ids, positions, self.cache.view(slot, slot + 1))  # (1, V)
         run = _Running(seq_id, request, slot, length=len(request.prompt), generator=make_generator(request.sampling.seed, self.device))
         self.running[seq_id] = run
         if self._needs_counts(request.sampling):
@@ -171,8 +171,13 @@ class Engine:
         slots = [r.slot for r in runs]
         tokens[slots, 0] = torch.tensor([r.last_token for r in runs], device=self.device)
         positions[slots, 0] = torch.tensor([r.length - 1 for r in runs], device=self.device)
-        logits = self.model(tokens, positions=positions, cache=self.cache.view(0, hi))[:, -1]  # (slots, V)
+        logits = self._last_logits(tokens, positions, self.cache.view(0, hi))  # (slots, V)
         return self._emit(runs, logits[slots])
+
+    def _last_logits(self, ids: Tensor, positions: Tensor, cache) -> Tensor:
+        """Logits of the last position only: the output projection is skipped for the rest of a prompt."""
+        hidden = self.model.hidden_states(ids, positions=positions, cache=cache)[-1][:, -1]  # (B, dim)
+        return self.model.lm_head(hidden)  # (B, V)
 
     def _emit(self, runs: list[_Running], logits: Tensor) -> list[Token]:
         """Choose each run's next token from its logits (runs, V) and report it."""
