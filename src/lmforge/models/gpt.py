@@ -4,6 +4,11 @@ The families differ only in the components `ModelConfig` selects when the model 
 learned vs rotary positions, LayerNorm vs RMSNorm, GELU MLP vs SwiGLU vs mixture of experts,
 full vs sliding-window attention, tied vs untied output embeddings. `forward` is the same
 straight line for all of them: embed, add positions, blocks, final norm, output projection.
+
+Packed training sequences (several documents in one row, see `data/sft.py`) pass
+`document_ids` (B, T): a token attends only to earlier tokens of its own document, and the
+caller restarts `positions` at 0 for each document, so a packed document computes what it
+would alone.
 """
 
 from __future__ import annotations
@@ -43,17 +48,19 @@ class GPT(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
+        document_ids: Tensor | None = None,
         cache: CacheView | None = None,
     ) -> list[Tensor]:
         """The residual stream after the embeddings and after every block, the last one normed.
 
         `attention_mask` (B, T) marks padding with 0; `positions` (B, T) default to 0..T-1;
+        `document_ids` (B, T) keep packed documents from attending to each other (training only);
         with a `cache`, keys and values of earlier steps are attended to and this step's are stored.
         """
         positions = default_positions(input_ids) if positions is None else positions
         x = self.drop(self.positions.add(self.embed(input_ids), positions))  # (B, T, dim)
         rope = self.positions.angles(positions)
-        mask = self._mask(positions, attention_mask, cache)
+        mask = self._mask(positions, attention_mask, document_ids, cache)
         states = [x]
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
@@ -69,18 +76,23 @@ class GPT(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
+        document_ids: Tensor | None = None,
         cache: CacheView | None = None,
     ) -> Tensor:
-        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)[-1]
+        h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                               document_ids=document_ids, cache=cache)[-1]
         return self.lm_head(h)  # (B, T, vocab_size)
 
-    def _mask(self, positions: Tensor, padding: Tensor | None, cache: CacheView | None) -> Tensor | None:
+    def _mask(
+        self, positions: Tensor, padding: Tensor | None, documents: Tensor | None, cache: CacheView | None
+    ) -> Tensor | None:
         """None when plain causality is all there is (the fused kernel's fast path)."""
         window = self.config.sliding_window
         if cache is not None:
             return attention_mask(positions, cache.prepare(positions), causal=True, window=window)
-        if padding is None and window is None:
+        if padding is None and window is None and documents is None:
             return None
-        mask = attention_mask(positions, positions, causal=True, window=window, k_valid=padding)
+        mask = attention_mask(positions, positions, causal=True, window=window, k_valid=padding,
+                              q_doc=documents, k_doc=documents)
         diagonal = torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
         return mask | diagonal  # a padding query attends to itself, so no row is empty (no NaN)

@@ -156,11 +156,15 @@ def attention_mask(
     causal: bool,
     window: int | None,
     k_valid: Tensor | None = None,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask (B, 1, T, S), True where query t may attend key s.
 
     `q_pos` (B, T) and `k_pos` (B, S) are absolute positions; a key position of -1 marks an
-    empty cache slot. `k_valid` (B, S) marks padding keys as False.
+    empty cache slot. `k_valid` (B, S) marks padding keys as False. Document ids `q_doc` (B, T)
+    and `k_doc` (B, S) of packed sequences allow a query only the keys of its own document;
+    positions then restart per document, and causality by position is causality within it.
     """
     q = q_pos[:, None, :, None]  # (B, 1, T, 1)
     k = k_pos[:, None, None, :]  # (B, 1, 1, S)
@@ -171,6 +175,8 @@ def attention_mask(
         allowed = allowed & (q - k < window)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, None, :].bool()
+    if q_doc is not None and k_doc is not None:
+        allowed = allowed & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
     return allowed
 
 

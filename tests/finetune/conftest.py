@@ -1,0 +1,79 @@
+"""Fixtures for the fine-tuning tests: tiny data files the tests write, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
+
+
+def capital_rows(n: int) -> list[dict]:
+    """Conversations and instruction rows about capitals: a task a tiny model learns in seconds."""
+    rows = []
+    for i in range(n):
+        country, city = CAPITALS[i % len(CAPITALS)]
+        if i % 2:
+            rows.append({"instruction": "Name the capital.", "input": country, "output": f"{city}."})
+        else:
+            rows.append({"messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": f"Capital of {country}?"},
+                                      {"role": "assistant", "content": f"{city}."}]})
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and stay fast when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def parser_built_once_per_process():
+    """`lmforge.cli.main` builds the parser on every call, reading each flag's help from source; remember it."""
+    from lmforge import recipes
+
+    original = recipes._field_comment
+    recipes._field_comment = functools.cache(original)
+    yield
+    recipes._field_comment = original
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Callable[[str, list], Path]:
+    """Write rows (dicts, or raw strings written as they are) as a JSONL file in tmp_path."""
+
+    def write(name: str, rows: list) -> Path:
+        path = tmp_path / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def capitals_jsonl(jsonl) -> Path:
+    return jsonl("capitals.jsonl", capital_rows(48))
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    """`lmforge ARGS...` in a fresh process, as a user runs it."""
+
+    def run(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lmforge.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    return run

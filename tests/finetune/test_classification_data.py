@@ -1,0 +1,96 @@
+"""Classification rows: CSV, TSV and JSONL; named or indexed columns; string or integer labels; errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.data.classification import (
+    ClassifyDataConfig,
+    collate_classification,
+    label_names,
+    load_classification_data,
+    read_labelled,
+)
+from lmforge.errors import LmforgeError
+from lmforge.train.finetune import classification_report
+
+
+def test_tsv_csv_and_jsonl_read_alike(tmp_path, jsonl):
+    (tmp_path / "a.tsv").write_text('label\tsentence\n1\ta "quoted" film ,\n0\tdull\n')
+    (tmp_path / "a.csv").write_text('sentence,label\n"a ""quoted"" film ,",1\ndull,0\n')
+    rows = {
+        "tsv": read_labelled(tmp_path / "a.tsv", "sentence", "label"),
+        "csv": read_labelled(tmp_path / "a.csv", "sentence", "label"),
+        "jsonl": read_labelled(jsonl("a.jsonl", [{"sentence": 'a "quoted" film ,', "label": 1},
+                                                 {"sentence": "dull", "label": 0}]), "sentence", "label"),
+        "index": read_labelled(tmp_path / "a.tsv", "1", "0"),  # columns by position
+    }
+    for got in rows.values():
+        assert [(r.text, r.label) for r in got] == [('a "quoted" film ,', "1"), ("dull", "0")]
+    assert rows["tsv"][1].where.endswith("a.tsv line 3")
+
+
+def test_label_names_sorted_numerically_or_given():
+    class Row:
+        def __init__(self, label):
+            self.label = label
+
+    assert label_names([Row("10"), Row("9"), Row("2")]) == ["2", "9", "10"]
+    assert label_names([Row("pos"), Row("neg")]) == ["neg", "pos"]
+    assert label_names([Row("pos")], ["pos", "neg"]) == ["pos", "neg"]
+
+
+@pytest.mark.parametrize(
+    ("content", "column", "needle"),
+    [
+        ("label\tsentence\n1\tgood\n", "text", "has no column 'text'; its columns are ['label', 'sentence']"),
+        ("label\tsentence\n1\n", "sentence", "line 2 has 1 columns"),
+        ("", "sentence", "is empty"),
+    ],
+)
+def test_bad_files_are_one_line(tmp_path, content, column, needle):
+    (tmp_path / "d.tsv").write_text(content)
+    with pytest.raises(LmforgeError) as err:
+        read_labelled(tmp_path / "d.tsv", column, "label")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_jsonl_errors_name_the_line(jsonl):
+    path = jsonl("d.jsonl", [{"text": "ok", "label": 1}, {"text": "no label"}])
+    with pytest.raises(LmforgeError, match=r"d\.jsonl line 2 has no field 'label'"):
+        read_labelled(path, "text", "label")
+    path = jsonl("e.jsonl", [{"text": "ok", "label": 1.5}])
+    with pytest.raises(LmforgeError, match="must be a string or an integer"):
+        read_labelled(path, "text", "label")
+    other = path.with_name("x.parquet")
+    other.write_text("x")
+    with pytest.raises(LmforgeError, match=r"unknown suffix '\.parquet'"):
+        read_labelled(other, "text", "label")
+
+
+def test_unknown_eval_label_and_single_label_are_refused(tiny_tokenizer, jsonl):
+    train = jsonl("t.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    evals = jsonl("e.jsonl", [{"text": "meh", "label": "neutral"}])
+    with pytest.raises(LmforgeError, match=r"e\.jsonl line 1: label 'neutral' is not one of \['neg', 'pos'\]"):
+        load_classification_data(ClassifyDataConfig(train=str(train), eval=str(evals)), tiny_tokenizer, 32, 0)
+    one = jsonl("o.jsonl", [{"text": "good", "label": "pos"}])
+    with pytest.raises(LmforgeError, match="at least two"):
+        load_classification_data(ClassifyDataConfig(train=str(one)), tiny_tokenizer, 32, 0)
+
+
+def test_encoding_truncates_and_collates(tiny_tokenizer, jsonl):
+    rows = [{"text": "the quick brown fox " * 20, "label": "a"}, {"text": "", "label": "b"}] * 5
+    data = load_classification_data(ClassifyDataConfig(train=str(jsonl("t.jsonl", rows)), eval_fraction=0.2),
+                                    tiny_tokenizer, 16, 0)
+    assert data.labels == ["a", "b"] and data.truncated == 5 and (len(data.train), len(data.eval)) == (8, 2)
+    assert max(len(ids) for ids, _ in data.train) == 16
+    batch = collate_classification(data.train[:3], pad_id=tiny_tokenizer.pad_id)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].shape == (3,)
+
+
+def test_classification_report():
+    r = classification_report([0, 1, 1, 2, 0], [0, 1, 2, 2, 1], ["a", "b", "c"])
+    assert r.accuracy == pytest.approx(0.6) and r.confusion == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    # F1: a 2*1/(1+2), b 2*1/(2+2), c 2*1/(2+1)
+    assert r.macro_f1 == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert r.table().splitlines()[0].split() == ["true\\pred", "a", "b", "c"]

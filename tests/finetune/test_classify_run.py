@@ -1,0 +1,92 @@
+"""Classification end to end: a decoder from an lmforge checkpoint, a BERT from a Hugging Face folder with LoRA,
+label names saved with the model, the evaluation report, and `--predict`."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers, processors
+
+from lmforge.cli import main
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.finetune import load_classifier, predict, run_classify
+
+POSITIVE, NEGATIVE = ["good", "great", "superb", "lovely"], ["bad", "awful", "boring", "ugly"]
+FILLER = ["the", "film", "was", "quite", "and", "plot", "acting", "very"]
+
+
+def reviews(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(text, 1 if positive else 0): filler words around two words of one sentiment, linearly separable."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        out.append((" ".join(words), label))
+    return out
+
+
+def recipe(base, train_file, out_dir, **sections):
+    train = {"steps": 40, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 4, "eval_every": 0,
+             "save_every": 0, "resume": "never", **sections.pop("train", {})}
+    return {"finetune": {"base": str(base), **sections.pop("finetune", {})},
+            "data": {"train": str(train_file), "eval_fraction": 0.25, **sections.pop("data", {})},
+            "head": sections.pop("head", {}), "train": train, "lora": sections.pop("lora", {}), "out_dir": str(out_dir)}
+
+
+def test_decoder_classifier_learns_a_separable_task(tiny_lm_dir, tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,sentiment\n" + "".join(f"{t},{'pos' if y else 'neg'}\n" for t, y in reviews(160)))
+    result = run_classify(recipe(tiny_lm_dir, path, tmp_path / "run", data={"label_column": "sentiment"}))
+    report = result.eval_report
+    assert report.labels == ["neg", "pos"] and report.n == 40
+    assert report.accuracy >= 0.9 and report.macro_f1 >= 0.9, report
+    assert sum(map(sum, report.confusion)) == 40
+    saved = json.loads((tmp_path / "run" / "eval_report.json").read_text())
+    assert saved["accuracy"] == report.accuracy
+    assert json.loads((tmp_path / "run" / "head.json").read_text())["labels"] == ["neg", "pos"]
+
+    model, tokenizer = load_classifier(tmp_path / "run")
+    got = predict(model, tokenizer, ["the plot was superb and lovely", "awful and boring acting"])
+    assert [p.label for p in got] == ["pos", "neg"]
+    assert set(got[0].probabilities) == {"neg", "pos"} and got[0].probability > 0.5
+
+
+def save_wordpiece(folder, words: list[str]) -> Tokenizer:
+    """A BERT-style WordPiece tokenizer over `words` ([CLS] text [SEP]), saved into `folder`."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Backend(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    names = dict(zip(["pad_token", "unk_token", "cls_token", "sep_token", "mask_token"], specials))
+    tokenizer = Tokenizer(backend, special_tokens=names)
+    tokenizer.save(folder)
+    return tokenizer
+
+
+def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(tmp_path, cli):
+    hf_tiny = pytest.importorskip("hf_tiny")
+    base = tmp_path / "bert"
+    hf_tiny.save(hf_tiny.hf_model("bert"), base)  # BertModel: encoder + [CLS] pooler, as downloaded checkpoints are
+    save_wordpiece(base, POSITIVE + NEGATIVE + FILLER)
+    data = tmp_path / "sst.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for t, y in reviews(160, seed=1)))
+    run = tmp_path / "run"
+    result = run_classify(recipe(base, data, run, data={"text_column": "1", "label_column": "0"},
+                                 lora={"rank": 4, "alpha": 8.0}, finetune={"merge": False}, train={"lr": 1e-2}))
+    assert result.eval_report.labels == ["0", "1"] and result.eval_report.accuracy >= 0.9, result.eval_report
+    assert not (run / "model.safetensors").exists()  # only the adapter and the head record: merged at load time
+
+    out = cli("classify", "--predict", run, "the acting was superb", "boring and ugly film")
+    assert out.returncode == 0, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == ["1", "0"]
+
+    assert main(["lora", "merge", str(base), str(run), "--out", str(tmp_path / "merged")]) == 0
+    model, tokenizer = load_classifier(tmp_path / "merged")
+    assert [p.label for p in predict(model, tokenizer, ["great and lovely plot"])] == ["1"]
