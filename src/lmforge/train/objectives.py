@@ -58,3 +58,157 @@ def masked_lm(mask_id: int, vocab_size: int, special_ids: list[int], probability
         return _with_aux(model, loss_sum, n)
 
     return objective
+
+
+def sft(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+    """Supervised fine-tuning: next-token loss where `labels` are assistant tokens (IGNORE_INDEX elsewhere).
+
+    Packed batches (data/sft.py) add `positions` restarting per row and `document_ids`, so rows
+    packed into one sequence never attend to each other.
+    """
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                   document_ids=batch.get("document_ids"))  # (B, T, V)
+    loss_sum, n = token_loss_sum(logits, batch["labels"])
+    return _with_aux(model, loss_sum, n)
+
+
+def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+    """Cross-entropy of a sequence classifier's logits against `labels` (B,); one target per sequence."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, n_labels)
+    labels = batch["labels"]
+    out = _with_aux(model, F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel(), device=labels.device))
+    out.metrics["accuracy"] = (logits.argmax(-1) == labels).float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------- alignment: reward models, DPO, GRPO
+#
+# Pair batches stack B chosen rows above B rejected rows (data/preference.py); the loss is summed
+# over pairs and n_targets is the number of pairs. GRPO's loss is summed over completion tokens.
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) at every position (B, T); 0 where the label is IGNORE_INDEX."""
+    B, T = labels.shape
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(B, T)  # (B, T)
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """log p(reply | prompt) per row (B,): token log-probs summed over the labelled (reply) positions."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+    return token_logps(logits, batch["labels"]).sum(-1)  # (B,)
+
+
+def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
+    """Mean chosen and rejected scores, their margin, and how often the chosen one scores higher."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    return {"chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+            "margin": (chosen - rejected).mean().item(), "accuracy": (chosen > rejected).float().mean().item()}
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """-log sigmoid(r_chosen - r_rejected) per pair (B,): the Bradley-Terry negative log-likelihood."""
+    return -F.logsigmoid(chosen.float() - rejected.float())
+
+
+def reward_model_loss(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+    """A reward model's scalar scores (2B,) trained so that the chosen reply of each pair scores higher."""
+    rewards = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (2B,)
+    chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+    return ObjectiveOutput(bradley_terry_loss(chosen, rejected).sum(), len(chosen), pair_metrics(chosen, rejected))
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+Reference = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (policy, batch) -> reference log-probs (2B,)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
+    """Per-pair DPO loss (B,) from sequence log-probs under the policy and the reference.
+
+    With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)):
+    "sigmoid" (Rafailov et al., 2023) is -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),
+    eps the label smoothing (conservative DPO; 0 = plain DPO); "ipo" (Azar et al., 2023) is
+    (h - 1 / (2 beta))^2 on the summed log-probs.
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (B,)
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def dpo(reference: Reference, *, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0) -> Callable:
+    """The DPO objective; `reference(policy, batch)` gives the reference log-probs of the batch's rows.
+
+    Logs the implicit rewards beta * (log pi - log ref) of chosen and rejected replies, their
+    margin, and the preference accuracy (chosen reward > rejected reward).
+    """
+
+    def objective(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        policy = sequence_logps(model, batch)  # (2B,)
+        ref = reference(model, batch).to(policy)  # (2B,)
+        (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
+        losses = dpo_loss(pc, pr, rc, rr, beta=beta, loss=loss, label_smoothing=label_smoothing)  # (B,)
+        return ObjectiveOutput(losses.sum(), len(losses), pair_metrics(beta * (pc - rc), beta * (pr - rr)))
+
+    return objective
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages (N,): each reward minus its group's mean, over the group's std + eps.
+
+    Groups are consecutive runs of `group_size` rewards (the completions of one prompt); the std
+    is the sample std (n - 1), as in TRL. A group whose rewards are all equal gets advantage 0.
+    """
+    groups = rewards.float().view(-1, group_size)  # (N / G, G)
+    mean, std = groups.mean(-1, keepdim=True), groups.std(-1, keepdim=True)
+    return ((groups - mean) / (std + eps)).flatten()  # (N,)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - pi) - (ref - pi) - 1 (>= 0, unbiased)."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate, negated, per token; and where the clipped term is the one in force.
+
+    ratio = exp(logps - old_logps); loss = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), with the
+    sequence's advantage A broadcast over its tokens.
+    """
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    adv = advantages[:, None]  # (B, 1)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    return loss, clipped
+
+
+def grpo(*, clip_eps: float = 0.2, kl_beta: float = 0.04) -> Callable:
+    """GRPO's objective on a micro-batch of rollouts (train/grpo.py), summed over completion tokens.
+
+    The batch holds `advantages` (B,), and per token `old_logps` (the policy that sampled; the
+    current one when absent) and `ref_logps` (the reference; no KL term when absent or kl_beta is 0).
+    Per token: clipped surrogate + kl_beta * k3. Keys `stat_*` (rollout statistics: rewards,
+    lengths) are passed through as metrics.
+    """
+
+    def objective(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        labels = batch["labels"]
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+        logps = token_logps(logits, labels)  # (B, T)
+        mask = (labels != IGNORE_INDEX).float()  # (B, T)
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        loss, clipped = clipped_policy_loss(logps, old, batch["advantages"].float(), clip_eps)
+        n = mask.sum()
+        metrics = {"clip_fraction": ((clipped.float() * mask).sum() / n.clamp(min=1)).item()}
+        if kl_beta and "ref_logps" in batch:
+            kl = k3_kl(logps, batch["ref_logps"])
+            loss = loss + kl_beta * kl
+            metrics["kl"] = ((kl.detach() * mask).sum() / n.clamp(min=1)).item()
+        metrics.update({k.removeprefix("stat_"): float(v) for k, v in batch.items() if k.startswith("stat_")})
+        return ObjectiveOutput((loss * mask).sum(), n, metrics)
+
+    return objective

@@ -1,0 +1,155 @@
+"""Preference rows in every form, skips with a report, encoding, batches and the resumable loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data import IGNORE_INDEX
+from lmforge.data.preference import (
+    EncodedPair,
+    PairLoader,
+    PreferencePair,
+    encode_pairs,
+    encode_reply,
+    fit_lengths,
+    hold_out,
+    pack_rows,
+    pair_from_row,
+    read_preference_pairs,
+    read_prompt_rows,
+)
+from lmforge.errors import LmforgeError
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_every_row_form():
+    text = pair_from_row({"prompt": "Q?", "chosen": " yes.", "rejected": " no."}, "f line 1")
+    assert text == PreferencePair("Q?", " yes.", " no.")
+    chat = pair_from_row({"prompt": USER, "chosen": [{"role": "assistant", "content": "hello"}], "rejected": "go"}, "f")
+    assert chat == PreferencePair(USER, "hello", "go")
+    hh = pair_from_row({"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: kind",
+                        "rejected": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: rude"}, "f")
+    assert hh == PreferencePair("\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant:", " kind", " rude")
+    dialogue = pair_from_row({"chosen": [*USER, {"role": "assistant", "content": "A"}],
+                              "rejected": [*USER, {"role": "assistant", "content": "B"}]}, "f")
+    assert dialogue == PreferencePair(USER, "A", "B")
+
+
+def test_skipped_rows_are_counted_and_reported(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Q", "chosen": "a", "rejected": "b"},
+        {"prompt": "Q", "chosen": "same", "rejected": "same"},
+        {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi there"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: y\n\nAssistant: b"},
+        {"prompt": USER, "chosen": [{"role": "user", "content": "no reply"}], "rejected": "b"},
+        "",
+    ])
+    pairs, stats = read_preference_pairs(path)
+    assert len(pairs) == 1 and (stats.rows, stats.kept, stats.identical, stats.no_assistant, stats.different_prompts) == (5, 1, 1, 2, 1)
+    assert stats.summary() == (f"{path}: 5 rows, 1 pairs kept; skipped 1 identical replies, 2 no assistant turn, "
+                               "1 different prompts")
+
+
+@pytest.mark.parametrize(("rows", "needle"), [
+    ([], "holds no preference pairs"),
+    ([{"prompt": "Q", "chosen": "a", "rejected": "a"}], "no usable preference pair"),
+    ([{"prompt": "Q", "chosen": "a"}], "line 1 has no 'chosen' and 'rejected'"),
+    ([{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"prompt": 3, "chosen": "a", "rejected": "b"}], "line 2: 'prompt' must be"),
+    (["{not json"], "line 1 is not valid JSON"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, rows, needle):
+    with pytest.raises(LmforgeError, match=needle) as info:
+        read_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert "\n" not in str(info.value)
+
+
+def test_prompt_rows(tmp_path):
+    rows = read_prompt_rows(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "2+3=", "answer": "5"}, {"prompt": USER}]))
+    assert rows[0].prompt == "2+3=" and rows[0].fields == {"answer": "5"} and rows[1].prompt == USER
+    assert rows[1].where.endswith("q.jsonl line 2")
+    with pytest.raises(LmforgeError, match="no \"prompt\" field"):
+        read_prompt_rows(write_jsonl(tmp_path / "bad.jsonl", [{"question": "2+3="}]))
+    with pytest.raises(LmforgeError, match="holds no prompts"):
+        read_prompt_rows(write_jsonl(tmp_path / "empty.jsonl", []))
+
+
+def test_replies_end_with_the_stop_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt, reply = encode_reply(tok, "The quick", " brown fox")
+    assert prompt == tok.encode("The quick", add_special_tokens=True) and prompt[0] == tok.bos_id
+    assert reply == [*tok.encode(" brown fox"), tok.eos_id]
+    prompt, reply = encode_reply(tok, USER, "café")
+    assert prompt == tok.apply_chat_template(USER, add_generation_prompt=True)  # what generation continues
+    assert reply[-1] == tok.eot_id and tok.decode(reply[:-1]) == "café"
+
+
+def test_fit_lengths_cuts_the_prompt_start_first():
+    prompt, replies, cut = fit_lengths(list(range(10)), [[100, 101], [200]], 8)
+    assert cut and prompt == list(range(4, 10)) and replies == [[100, 101], [200]]
+    prompt, replies, cut = fit_lengths(list(range(10)), [list(range(100, 110))], 8)
+    assert cut and prompt == list(range(6, 10)) and replies == [[100, 101, 102, 103]]  # the prompt keeps half
+    assert fit_lengths([1, 2], [[3]], 8) == ([1, 2], [[3]], False)
+
+
+def test_encode_pairs_counts_truncation(tiny_tokenizer, tmp_path):
+    pairs = [PreferencePair("The quick brown fox " * 10, " jumps", " sleeps"), PreferencePair("Q", " a", " b")]
+    _, stats = read_preference_pairs(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}]))
+    encoded = encode_pairs(tiny_tokenizer, pairs, 16, stats)
+    assert stats.truncated == 1 and max(len(e.prompt) + len(e.chosen) for e in encoded) <= 16
+
+
+def test_pack_rows_labels_only_the_reply():
+    batch = pack_rows([[1, 5, 6], [1]], [[7, 8, 2], [9, 2]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 2], [1, 9, 2, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    x = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[x, x, 7, 8, 2, x], [9, 2, x, x, x, x]]
+
+
+PAIRS = [EncodedPair([1, i], [10 + i, 2], [20 + i, 2]) for i in range(7)]
+
+
+def drawn(loader: PairLoader, n: int) -> list[list[int]]:
+    """The pair indices of the next n batches (read from the prompts of the chosen rows)."""
+    return [loader.next_batch()["input_ids"][: loader.batch_size, 1].tolist() for _ in range(n)]
+
+
+def test_pair_loader_is_seeded_epochwise_resumable_and_rank_split():
+    loader = PairLoader(PAIRS, 3, 0, seed=5, ref_logps=torch.arange(14.0).view(7, 2))
+    batch = loader.next_batch()
+    chosen_ids = batch["input_ids"][:3, 2].tolist()
+    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"][3:, 2].tolist() == [c + 10 for c in chosen_ids]
+    assert batch["ref_logps"].tolist() == [2.0 * (c - 10) for c in chosen_ids] + [2.0 * (c - 10) + 1 for c in chosen_ids]
+    loader = PairLoader(PAIRS, 3, 0, seed=5)
+    first = drawn(loader, 4)
+    epoch_one = [i for b in first for i in b][:7]
+    assert sorted(epoch_one) == list(range(7))  # every pair once per epoch
+    state = loader.state_dict()
+    more = drawn(loader, 2)
+    resumed = PairLoader(PAIRS, 3, 0, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert drawn(resumed, 2) == more
+    ranks = [PairLoader(PAIRS, 3, 0, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    whole = PairLoader(PAIRS, 6, 0, seed=5)
+    assert drawn(ranks[0], 1)[0] + drawn(ranks[1], 1)[0] == drawn(whole, 1)[0]
+    with pytest.raises(LmforgeError, match="same data and batch settings"):
+        PairLoader(PAIRS[:5], 3, 0, seed=5).load_state_dict(state)
+
+
+def test_hold_out_is_seeded_and_disjoint():
+    train, val = hold_out(list(range(20)), 0.2, seed=3)
+    assert len(val) == 4 and sorted(train + val) == list(range(20))
+    assert hold_out(list(range(20)), 0.2, seed=3) == (train, val)
+    assert hold_out(list(range(20)), 0.0, seed=3) == (list(range(20)), [])
+    with pytest.raises(LmforgeError, match="too few"):
+        hold_out([1], 0.5, seed=0)
