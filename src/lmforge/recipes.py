@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
 import sys
 import typing
@@ -44,28 +46,28 @@ def _sections() -> dict[str, type]:
 # ---------------------------------------------------------------- flags from dataclasses
 
 
-def _field_comment(cls: type, name: str) -> str:
-    """The `# comment` after a field in its class source: the field's documentation."""
-    import inspect
-
+@functools.cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the class source: the fields' documentation (read once per class)."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
-        return ""
+        return {}
+    comments = {}
     for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(f"{name}:") and "#" in stripped:
-            return stripped.split("#", 1)[1].strip()
-    return ""
+        name, sep, rest = line.strip().partition(":")
+        if sep and name.isidentifier() and "#" in rest:
+            comments.setdefault(name, rest.split("#", 1)[1].strip())
+    return comments
 
 
 def _parse_value(text: str, annotation: Any, flag: str) -> Any:
-    """Convert a command-line string to the field's type (int, float, bool, str, dict, or None)."""
-    hint = annotation
-    args = typing.get_args(hint)
-    if text.lower() in ("none", "null") and type(None) in args:
+    """Convert a command-line string to the field's type (int, float, bool, str, JSON list/dict, or None)."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if text.lower() in ("none", "null") and optional:
         return None
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = next(a for a in args if a is not type(None)) if optional else annotation
     base = typing.get_origin(base) or base
     try:
         if base is bool:
@@ -73,7 +75,10 @@ def _parse_value(text: str, annotation: Any, flag: str) -> Any:
                 raise ValueError(text)
             return text.lower() in ("true", "1", "yes")
         if base in (dict, list):
-            return json.loads(text)
+            value = json.loads(text)
+            if not isinstance(value, base):
+                raise ValueError(text)
+            return value
         return base(text)
     except (ValueError, json.JSONDecodeError):
         raise LmforgeError(f"{flag} expects a {getattr(base, '__name__', base)}; got {text!r}") from None
@@ -90,7 +95,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, type])
             if f.name == "extra":
                 continue
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="V",
-                               help=f"{_field_comment(cls, f.name)} (type {f.type})")
+                               help=f"{_field_comments(cls).get(f.name, '')} (type {f.type})")
 
 
 def load_recipe(args: argparse.Namespace, sections: dict[str, type]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmforge.checkpoint import save_native
@@ -59,6 +60,7 @@ def pretrain(recipe: dict[str, Any], *, progress: bool = False, callbacks: list[
         cfg.bytes_per_token = val_shards.n_bytes / val_shards.n_tokens
 
     info = init_distributed()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = build_model(config).to(info.device)
     loader = TokenLoader(train_shards, cfg.batch_size, seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
 
