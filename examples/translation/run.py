@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/eng-fra/eng-fra.txt", help="en<TAB>fr<TAB>... pairs")
     parser.add_argument("--out", default="runs/translation", help="working folder")
     parser.add_argument("--test-sentences", type=int, default=150, help="English sentences held out for BLEU")
-    parser.add_argument("--base-steps", type=int, default=150, help="pretraining steps of the base model")
+    parser.add_argument("--base-steps", type=int, default=100, help="pretraining steps of the base model")
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the config's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for a model this small)")

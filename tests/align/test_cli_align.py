@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _align_helpers import write_jsonl
 
-from conftest import write_jsonl
 from lmforge import cli_align
 from lmforge.train.align import DpoConfig, RewardConfig, read_setup
 from lmforge.train.grpo import GrpoConfig

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from _align_helpers import CHOSEN, REJECTED, quick_train
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.testing import assert_close
 
 import lmforge
-from conftest import CHOSEN, REJECTED, quick_train
 from lmforge.checkpoint import load_model, save_native
 from lmforge.data.preference import pack_rows
 from lmforge.models.gpt import GPT

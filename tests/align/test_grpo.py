@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
+from _align_helpers import quick_train, write_jsonl
 
 import lmforge
-from conftest import quick_train, write_jsonl
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.preference import PromptRow
 from lmforge.errors import LmforgeError

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _align_helpers import write_jsonl
 
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.preference import (
@@ -25,11 +25,6 @@ from lmforge.data.preference import (
 from lmforge.errors import LmforgeError
 
 USER = [{"role": "user", "content": "hi"}]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def test_every_row_form():

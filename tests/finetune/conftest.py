@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -40,17 +39,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def parser_built_once_per_process():
-    """`lmforge.cli.main` builds the parser on every call, reading each flag's help from source; remember it."""
-    from lmforge import recipes
-
-    original = recipes._field_comment
-    recipes._field_comment = functools.cache(original)
-    yield
-    recipes._field_comment = original
-
-
 @pytest.fixture
 def jsonl(tmp_path: Path) -> Callable[[str, list], Path]:
     """Write rows (dicts, or raw strings written as they are) as a JSONL file in tmp_path."""
@@ -66,6 +54,20 @@ def jsonl(tmp_path: Path) -> Callable[[str, list], Path]:
 @pytest.fixture
 def capitals_jsonl(jsonl) -> Path:
     return jsonl("capitals.jsonl", capital_rows(48))
+
+
+@pytest.fixture(scope="session")
+def recipe() -> Callable[..., dict]:
+    """A fine-tuning recipe for a short run: recipe(base, train_file, out_dir, data={...}, train={...}, ...)."""
+
+    def build(base: Path, train_file: Path, out_dir: Path, **sections: dict) -> dict:
+        train = {"steps": 30, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3, "eval_every": 0,
+                 "save_every": 0, "log_every": 1, "resume": "never", **sections.pop("train", {})}
+        return {"finetune": {"base": str(base), **sections.pop("finetune", {})},
+                "data": {"train": str(train_file), **sections.pop("data", {})}, "train": train,
+                "out_dir": str(out_dir), **sections}
+
+    return build
 
 
 @pytest.fixture(scope="session")

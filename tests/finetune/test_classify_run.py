@@ -30,18 +30,16 @@ def reviews(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
-def recipe(base, train_file, out_dir, **sections):
-    train = {"steps": 40, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 4, "eval_every": 0,
-             "save_every": 0, "resume": "never", **sections.pop("train", {})}
-    return {"finetune": {"base": str(base), **sections.pop("finetune", {})},
-            "data": {"train": str(train_file), "eval_fraction": 0.25, **sections.pop("data", {})},
-            "head": sections.pop("head", {}), "train": train, "lora": sections.pop("lora", {}), "out_dir": str(out_dir)}
+def short(**sections):
+    """Sections of a classifier run: 40 steps of 16 texts, a quarter held out."""
+    return {"data": {"eval_fraction": 0.25, **sections.pop("data", {})},
+            "train": {"steps": 40, "batch_size": 16, "warmup_steps": 4, **sections.pop("train", {})}, **sections}
 
 
-def test_decoder_classifier_learns_a_separable_task(tiny_lm_dir, tmp_path):
+def test_decoder_classifier_learns_a_separable_task(recipe, tiny_lm_dir, tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("text,sentiment\n" + "".join(f"{t},{'pos' if y else 'neg'}\n" for t, y in reviews(160)))
-    result = run_classify(recipe(tiny_lm_dir, path, tmp_path / "run", data={"label_column": "sentiment"}))
+    result = run_classify(recipe(tiny_lm_dir, path, tmp_path / "run", **short(data={"label_column": "sentiment"})))
     report = result.eval_report
     assert report.labels == ["neg", "pos"] and report.n == 40
     assert report.accuracy >= 0.9 and report.macro_f1 >= 0.9, report
@@ -70,7 +68,7 @@ def save_wordpiece(folder, words: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(tmp_path, cli):
+def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(recipe, tmp_path, cli):
     hf_tiny = pytest.importorskip("hf_tiny")
     base = tmp_path / "bert"
     hf_tiny.save(hf_tiny.hf_model("bert"), base)  # BertModel: encoder + [CLS] pooler, as downloaded checkpoints are
@@ -78,8 +76,8 @@ def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(tmp_path, cli
     data = tmp_path / "sst.tsv"
     data.write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for t, y in reviews(160, seed=1)))
     run = tmp_path / "run"
-    result = run_classify(recipe(base, data, run, data={"text_column": "1", "label_column": "0"},
-                                 lora={"rank": 4, "alpha": 8.0}, finetune={"merge": False}, train={"lr": 1e-2}))
+    result = run_classify(recipe(base, data, run, **short(data={"text_column": "1", "label_column": "0"},
+                                 lora={"rank": 4, "alpha": 8.0}, finetune={"merge": False}, train={"lr": 1e-2})))
     assert result.eval_report.labels == ["0", "1"] and result.eval_report.accuracy >= 0.9, result.eval_report
     assert not (run / "model.safetensors").exists()  # only the adapter and the head record: merged at load time
 

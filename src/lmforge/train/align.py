@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.checkpoint import load_model, save_native
+from lmforge.checkpoint import load_model
 from lmforge.checkpoint.io import assign_state, read_tensors
 from lmforge.data.preference import (
     EncodedPair,
@@ -56,20 +56,19 @@ from lmforge.data.preference import (
     read_preference_pairs,
 )
 from lmforge.errors import LmforgeError
-from lmforge.models.heads import HEAD_WEIGHTS, PooledHead, RewardModel, save_head_model
+from lmforge.models.heads import HEAD_WEIGHTS, PooledHead, RewardModel
 from lmforge.recipes import build
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import ModelIO, load_model_weights
 from lmforge.train.distributed import init_distributed, unwrap_model
+from lmforge.train.finetune import load_adapter_weights, pad_id_of, save_model_files
 from lmforge.train.loop import Objective, TrainConfig, TrainResult, train
 from lmforge.train.lora import (
-    ADAPTER_WEIGHTS,
     LoraConfig,
     LoraLinear,
     apply_lora,
     dense_weight,
     lora_disabled,
-    lora_state_dict,
     save_adapter,
     swap_module,
 )
@@ -153,11 +152,6 @@ def load_base(folder: str, section: str) -> tuple[nn.Module, Tokenizer]:
     return model, Tokenizer.from_dir(folder)
 
 
-def pad_id_of(tokenizer: Tokenizer) -> int:
-    """The id padding positions hold (any id works: they are masked)."""
-    return next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
-
-
 def _merged_copy(layer: LoraLinear) -> nn.Linear:
     """A plain linear layer computing what `layer` computes, adapters folded in; `layer` is untouched."""
     base, weight = layer.base, dense_weight(layer.base).detach()
@@ -186,35 +180,19 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
             swap_module(model, name, layer)
 
 
-def _load_adapters(model: nn.Module, folder: Path, lora: LoraConfig) -> None:
-    """Copy a checkpoint's adapter tensors (and lora.train_modules) into the adapted `model`."""
-    path = folder / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise LmforgeError(f"checkpoint {folder} has no {ADAPTER_WEIGHTS}; it was not written by a LoRA run "
-                           "(resume with the lora settings it was trained with, or train.resume never)")
-    tensors, params = read_tensors(path), lora_state_dict(model, lora.train_modules)
-    wrong = sorted(set(tensors) ^ set(params)) or [k for k, p in params.items() if tensors[k].shape != p.shape]
-    if wrong:
-        raise LmforgeError(f"checkpoint {folder} holds other adapters than this run's lora settings ({wrong[0]}); "
-                           "resume with the same lora section")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
-
-
 def checkpoint_io(tokenizer: Tokenizer, lora: LoraConfig, base: str) -> tuple[ModelIO, ModelIO]:
     """(save_model, load_model) for the loop: plain or head model files (+ adapters under LoRA)."""
 
     def save(model: nn.Module, folder: Path) -> None:
         with merged_lora(model):
-            (save_head_model if isinstance(model, PooledHead) else save_native)(model, folder)
+            save_model_files(model, folder)
         tokenizer.save(folder)
         if lora.rank:
             save_adapter(model, lora, folder, base_model=base)
 
     def load(model: nn.Module, folder: Path) -> None:
         if lora.rank:
-            _load_adapters(model, folder, lora)
+            load_adapter_weights(model, lora, folder)
         elif isinstance(model, PooledHead):
             load_model_weights(model.backbone, folder)
             head = read_tensors(folder / HEAD_WEIGHTS)

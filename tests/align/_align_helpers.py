@@ -1,0 +1,20 @@
+"""Helpers shared by the alignment tests (a plain module: importing from conftest.py collides across folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHOSEN, REJECTED = " the quick brown fox.", " the lazy dog."
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One line per row: objects as JSON, strings as they are (for malformed lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def quick_train(steps: int, **overrides) -> dict:
+    """A train section for runs of a few steps."""
+    return {"steps": steps, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
+            "eval_every": 0, "save_every": 0, "log_every": 1, "seed": 0, **overrides}
