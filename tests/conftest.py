@@ -36,3 +36,12 @@ def save_tiny(folder: Path, tokenizer, preset_name: str = "tiny-llama", **overri
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny(tmp_path_factory.mktemp("lm") / "tiny", tiny_tokenizer)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
