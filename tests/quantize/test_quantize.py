@@ -14,6 +14,7 @@ from lmforge.checkpoint.io import unique_state
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
+from lmforge.models.layers import Linear
 from lmforge.quantize import load_quantized, model_bytes, quantize_model, quantized_layers, save_quantized
 from lmforge.quantize.linear import QuantLinear, pack_int4, unpack_int4
 from lmforge.train.lora import LoraConfig, apply_lora, merge_lora
@@ -129,8 +130,8 @@ def test_qlora_trains_only_adapters():
         now = state.get(key, state.get(key.rsplit(".", 1)[0] + ".base." + key.rsplit(".", 1)[1]))
         assert torch.equal(now, t), key
     adapted = logits(model.eval())
-    merge_lora(model)  # a quantized base merges into a float nn.Linear
-    assert type(model.layers[0].attn.q) is nn.Linear and isinstance(model.layers[0].attn.k, QuantLinear)
+    merge_lora(model)  # a quantized base merges into a float Linear
+    assert type(model.layers[0].attn.q) is Linear and isinstance(model.layers[0].attn.k, QuantLinear)
     assert_close(logits(model), adapted, atol=1e-5, rtol=1e-5)
 
 

@@ -17,6 +17,7 @@ from lmforge.config import ModelConfig
 from lmforge.models.gpt import default_positions
 from lmforge.models.layers import (
     Attention,
+    Linear,
     Rope,
     attention_mask,
     init_weights,
@@ -46,9 +47,9 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.dim, config.dim)
+        self.dense = Linear(config.dim, config.dim)
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size)
+        self.lm_head = Linear(config.dim, config.vocab_size)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(F.gelu(self.dense(h))))  # (B, T, vocab_size)
@@ -66,7 +67,7 @@ class Bert(nn.Module):
         self.embed_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(PostNormBlock(config, i) for i in range(config.n_layers))
-        self.pooler = nn.Linear(config.dim, config.dim) if config.pooler else None
+        self.pooler = Linear(config.dim, config.dim) if config.pooler else None
         self.head = MaskedLMHead(config) if config.mlm_head else nn.Identity()
         init_weights(self, config)
         if config.mlm_head and config.tie_embeddings:

@@ -14,11 +14,20 @@ would alone.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.kv_cache import CacheView
-from lmforge.models.layers import Block, attention_mask, init_weights, make_norm, make_positions
+from lmforge.models.layers import (
+    Block,
+    Linear,
+    attention_mask,
+    init_weights,
+    linear_cross_entropy,
+    make_norm,
+    make_positions,
+)
 
 
 def default_positions(input_ids: Tensor) -> Tensor:
@@ -37,7 +46,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         init_weights(self, config)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -78,10 +87,17 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         cache: CacheView | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
+        """Logits (B, T, vocab_size); given `labels` (B, T), instead the cross-entropy summed over
+        the labels that are not -100, computed without materialising the logits."""
         h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
                                document_ids=document_ids, cache=cache)[-1]
-        return self.lm_head(h)  # (B, T, vocab_size)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, vocab_size)
+        if type(self.lm_head) is Linear and self.lm_head.bias is None and not torch.compiler.is_compiling():
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
     def _mask(
         self, positions: Tensor, padding: Tensor | None, documents: Tensor | None, cache: CacheView | None

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.models.layers import Linear
 
 POOLINGS = ("last", "mean", "cls")
 HEAD_CONFIG, HEAD_WEIGHTS, HEAD_FORMAT = "head.json", "head.safetensors", "lmforge-head"
@@ -128,7 +129,7 @@ class PooledHead(nn.Module):
         self.pooling = pooling or default_pooling(config)
         self._pool = _pool_fn(backbone, self.pooling)
         self.drop = nn.Dropout(config.dropout)
-        self.score = nn.Linear(config.dim, n_out, bias=bias)
+        self.score = Linear(config.dim, n_out, bias=bias)
         nn.init.normal_(self.score.weight, std=config.init_std)
         if bias:
             nn.init.zeros_(self.score.bias)

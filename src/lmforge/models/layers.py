@@ -11,6 +11,11 @@ Design choices:
 - Rotary embeddings use the "rotate half" layout of Hugging Face checkpoints, so LLaMA-family
   weights load without permuting q/k rows.
 - Grouped-query attention never copies keys/values per query head (`enable_gqa`).
+- Every projection is a `Linear`: an `nn.Linear` whose float32 CPU forward runs on oneDNN
+  instead of the BLAS behind `F.linear`. On the AMD EPYC CPUs we measure on that is 1.1-2x
+  faster for the few rows of a decode step and 1.1-1.5x for the 50k-wide output projection
+  of a training batch (`benchmarks/decode.py`, `benchmarks/train_throughput.py`); results
+  agree with `F.linear` to float32 rounding. Other devices and dtypes use `F.linear`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,125 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin), each (B, 1, T, head_dim), or None without rotary positions
+
+
+# ---------------------------------------------------------------- linear layers
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with a oneDNN forward; the backward is the plain matmuls of F.linear."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = flat_grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, on oneDNN for contiguous float32 CPU tensors outside `torch.compile`."""
+    fast = (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.is_contiguous() and not torch.compiler.is_compiling())
+    if not fast:
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` computed by `linear` (same parameters, same state dict)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------- output projection + loss
+
+
+def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Cross-entropy summed over the rows of float32 `logits` (n, V), which are overwritten in
+    place by softmax(logits) minus the one-hot labels (zero rows where the label is ignored):
+    the gradient of that sum. In place, so no chunk-sized buffer is allocated (or page-faulted)."""
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)[:, None]  # (n, 1)
+    picked = logits.gather(1, target).squeeze(1)  # (n,)
+    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
+    logits.div_(total)
+    loss = ((peak.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
+    logits.scatter_add_(1, target, valid[:, None].to(logits.dtype).neg())
+    if not bool(valid.all()):
+        logits.masked_fill_(~valid[:, None], 0.0)
+    return loss, logits
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight^T, labels), a chunk of rows at a time, with the gradients computed
+    chunk by chunk in the forward: the (N, vocab) logits and their gradient never exist whole."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ignore_index: int) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None  # float32 (V, dim), created by the first chunk's product
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
+            loss, grad = _softmax_loss_(linear(h, weight).float(), y, ignore_index)  # grad (n, V)
+            total += loss
+            if need_h:
+                grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
+            if need_w:
+                grad_w = grad.t() @ h.float() if grad_w is None else grad_w.addmm_(grad.t(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors  # scaled in place: no second 200 MB buffer for the vocabulary's gradient
+        grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**22
+) -> Tensor:
+    """sum over rows of cross_entropy(hidden @ weight^T, labels), skipping `ignore_index` labels.
+
+    `hidden` (N, dim), `weight` (V, dim), `labels` (N,). Equal to `F.cross_entropy(F.linear(hidden,
+    weight).float(), labels, reduction="sum")`, but computed `chunk_elements // V` rows at a time:
+    the full logits (4 bytes x N x V: 200 MB for 1024 tokens of GPT-2) and their gradient are never
+    held, and no large buffer is freshly allocated (and page-faulted) every step.
+    """
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, ignore_index)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = linear(hidden[start : start + chunk_rows], weight).float()
+        total += _softmax_loss_(logits, labels[start : start + chunk_rows], ignore_index)[0]
+    return total
+
 
 
 # ---------------------------------------------------------------- norms
@@ -204,10 +328,10 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.dropout = config.dropout
         bias = config.attn_bias
-        self.q = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
-        self.k = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.q = Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o = Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
         self.rotate = apply_rotary if config.positions == "rotary" else no_rotation
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -233,8 +357,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
-        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.up = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down = Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         self.drop = nn.Dropout(config.dropout)
 
@@ -247,9 +371,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
-        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
-        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.gate = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.up = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down = Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -268,7 +392,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.n_experts_per_token
-        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.router = Linear(config.dim, config.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(config) for _ in range(config.n_experts))
         self.aux_loss = torch.zeros(())
 

@@ -57,6 +57,7 @@ from lmforge.data.preference import (
 )
 from lmforge.errors import LmforgeError
 from lmforge.models.heads import HEAD_WEIGHTS, PooledHead, RewardModel
+from lmforge.models.layers import Linear
 from lmforge.recipes import build
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import ModelIO, load_model_weights
@@ -155,7 +156,7 @@ def load_base(folder: str, section: str) -> tuple[nn.Module, Tokenizer]:
 def _merged_copy(layer: LoraLinear) -> nn.Linear:
     """A plain linear layer computing what `layer` computes, adapters folded in; `layer` is untouched."""
     base, weight = layer.base, dense_weight(layer.base).detach()
-    plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device, dtype=weight.dtype)
+    plain = Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         plain.weight.copy_(weight + layer.delta().to(weight.dtype))
         if base.bias is not None:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint.io import read_json, read_tensors, write_json, write_tensors
 from lmforge.errors import LmforgeError
+from lmforge.models.layers import Linear
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_FORMAT = "adapter.safetensors", "adapter_config.json", "lmforge-lora"
 
@@ -127,7 +128,7 @@ class LoraLinear(nn.Module):
                 self.base.weight += self.delta().to(self.base.weight.dtype)
                 return self.base
             weight = self.base.dequantize()
-            plain = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+            plain = Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                               device=weight.device, dtype=weight.dtype)
             plain.weight.copy_(weight + self.delta().to(weight.dtype))
             if self.base.bias is not None:

@@ -1,0 +1,70 @@
+"""The fast paths are exact: oneDNN `linear` against `F.linear`, and the chunked output
+projection + cross-entropy against materialised logits and `F.cross_entropy`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from lmforge.config import preset
+from lmforge.models import build_model
+from lmforge.models.layers import linear, linear_cross_entropy
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (8, 24), (2, 5, 24)])
+def test_linear_matches_f_linear_with_gradients(shape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    out = linear(x, w, b)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, grad)
+    ref_out = F.linear(x, w, b)
+    ref = torch.autograd.grad(ref_out, inputs, grad)
+    assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for a, r in zip(ours, ref):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        assert_close(linear(x, w, b), ref_out.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**22, 3 * 50])  # one chunk; chunks of 3 rows, the last one short
+@pytest.mark.parametrize("freeze_weight", [False, True])
+def test_linear_cross_entropy_matches_materialised_logits(chunk_elements, freeze_weight):
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=not freeze_weight)
+    labels = torch.randint(0, 50, (20,))
+    labels[::4] = -100  # ignored targets contribute neither loss nor gradient
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=chunk_elements)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    inputs = [hidden] if freeze_weight else [hidden, weight]
+    ours = torch.autograd.grad(2.5 * loss, inputs)  # a scaled upstream gradient is applied
+    theirs = torch.autograd.grad(2.5 * ref, inputs)
+    for a, r in zip(ours, theirs):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert_close(linear_cross_entropy(hidden, weight, labels, chunk_elements=chunk_elements), ref.detach(),
+                     atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_decoder_loss_from_labels_equals_loss_of_logits(name):
+    torch.manual_seed(0)
+    model = build_model(preset(name))
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    loss = model(ids, labels=labels)
+    ref = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), reduction="sum")
+    assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    for a, r in zip(grads, ref_grads):
+        assert_close(a, r, atol=1e-5, rtol=1e-4)
