@@ -42,9 +42,9 @@ def _with_aux(model: nn.Module, loss_sum: Tensor, n: Tensor) -> ObjectiveOutput:
 
 def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     """Next-token prediction: `labels` are the inputs shifted by one (IGNORE_INDEX where masked)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    loss_sum, n = token_loss_sum(logits, batch["labels"])
-    return _with_aux(model, loss_sum, n)
+    labels = batch["labels"]
+    loss_sum = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+    return _with_aux(model, loss_sum, (labels != IGNORE_INDEX).sum())
 
 
 def masked_lm(mask_id: int, vocab_size: int, special_ids: list[int], probability: float = 0.15) -> Callable:
@@ -66,10 +66,10 @@ def sft(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     Packed batches (data/sft.py) add `positions` restarting per row and `document_ids`, so rows
     packed into one sequence never attend to each other.
     """
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
-                   document_ids=batch.get("document_ids"))  # (B, T, V)
-    loss_sum, n = token_loss_sum(logits, batch["labels"])
-    return _with_aux(model, loss_sum, n)
+    labels = batch["labels"]
+    loss_sum = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                     document_ids=batch.get("document_ids"), labels=labels)
+    return _with_aux(model, loss_sum, (labels != IGNORE_INDEX).sum())
 
 
 def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
