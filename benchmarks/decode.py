@@ -11,6 +11,7 @@ in this run with a streaming matrix-vector product over a ~1 GB matrix.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from functools import partial
@@ -22,12 +23,12 @@ from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine, Request
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of a streaming torch.mv over a ~1 GB fp32 matrix (best of 5)."""
-    m = torch.randn(16384, 16384)
-    v = torch.randn(16384)
+def read_bandwidth(m: torch.Tensor) -> float:
+    """Bytes/s of a streaming torch.mv over `m` (~1 GB, float32; best of 3). Measured again
+    beside every timing, since the host's bandwidth drifts."""
+    v = torch.randn(m.shape[1])
     best = float("inf")
-    for _ in range(5):
+    for _ in range(3):
         t = time.perf_counter()
         torch.mv(m, v)
         best = min(best, time.perf_counter() - t)
@@ -53,25 +54,28 @@ def lmforge_generate(engine: Engine, prompts: torch.Tensor, n: int) -> None:
     engine.generate([Request(p.tolist(), max_new_tokens=n) for p in prompts])
 
 
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def interleaved_seconds(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each function, run in alternation so that both sides see the same
+    machine (memory bandwidth on a shared host drifts by tens of percent)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    bandwidth = read_bandwidth()
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    big = torch.randn(16384, 16384)
     first = None
     for shape in ("gpt2", "smollm-135m"):
         hf = hf_model(shape)
@@ -86,10 +90,11 @@ def main() -> None:
 
             run_hf = partial(hf_generate, hf, prompts, n)
             run_ours = partial(lmforge_generate, Engine(ours, n_slots=batch, max_len=args.prompt_len + n + 1), prompts, n)
-            t_hf, t_ours = time_it(run_hf, args.repeats), time_it(run_ours, args.repeats)
+            t_hf, t_ours = interleaved_seconds([run_hf, run_ours], args.repeats)
+            bandwidth = read_bandwidth(big)
             hf_tok_s, ours_tok_s = batch * n / t_hf, batch * n / t_ours
             bound = bandwidth / weight_bytes * batch  # tokens/s if each step only read the weights once
-            print(f"{shape:12s} batch {batch}: lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
+            print(f"{shape:12s} batch {batch} ({bandwidth / 1e9:.1f} GB/s): lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
                   f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
             if first is None:
                 first = (ours_tok_s / hf_tok_s, ours_tok_s, hf_tok_s)

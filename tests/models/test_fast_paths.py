@@ -68,3 +68,19 @@ def test_decoder_loss_from_labels_equals_loss_of_logits(name):
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     for a, r in zip(grads, ref_grads):
         assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_keeps_float32_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=8 * 40)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
+    assert_close(loss, ref, atol=0.05, rtol=1e-2)  # same bf16 logits, so close
+    ours = torch.autograd.grad(loss, [hidden, weight])
+    theirs = torch.autograd.grad(ref, [hidden, weight])
+    for a, r in zip(ours, theirs):
+        assert a.dtype == torch.float32
+        assert_close(a, r, atol=0.05, rtol=2e-2)

@@ -114,10 +114,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
             loss, grad = _softmax_loss_(linear(h, weight).float(), y, ignore_index)  # grad (n, V)
             total += loss
-            if need_h:
-                grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
-            if need_w:
-                grad_w = grad.t() @ h.float() if grad_w is None else grad_w.addmm_(grad.t(), h.float())
+            with torch.autocast(hidden.device.type, enabled=False):  # gradients accumulate in float32
+                if need_h:
+                    grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
+                if need_w:
+                    grad_w = grad.t() @ h.float() if grad_w is None else grad_w.addmm_(grad.t(), h.float())
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
