@@ -3,6 +3,8 @@ projection + cross-entropy against materialised logits and `F.cross_entropy`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,17 +56,20 @@ def test_linear_cross_entropy_matches_materialised_logits(chunk_elements, freeze
                      atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_decoder_loss_from_labels_equals_loss_of_logits(name):
+def test_decoder_loss_from_labels_equals_loss_of_logits(name, tied):
     torch.manual_seed(0)
-    model = build_model(preset(name))
+    model = build_model(dataclasses.replace(preset(name), tie_embeddings=tied))
     ids = torch.randint(0, model.config.vocab_size, (3, 12))
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = -100
     loss = model(ids, labels=labels)
     ref = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), reduction="sum")
     assert_close(loss, ref, atol=1e-4, rtol=1e-5)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    loss.backward()  # through .grad, as training does: a tied weight's gradient must come out dense
+    grads = [p.grad for p in model.parameters()]
+    assert not any(g.is_sparse for g in grads)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     for a, r in zip(grads, ref_grads):
         assert_close(a, r, atol=1e-5, rtol=1e-4)
