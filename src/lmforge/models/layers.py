@@ -132,7 +132,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**22
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**23
 ) -> Tensor:
     """sum over rows of cross_entropy(hidden @ weight^T, labels), skipping `ignore_index` labels.
 
