@@ -99,26 +99,33 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     return loss, logits
 
 
+def _chunked_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ignore_index: int, need_h: bool, need_w: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The summed loss and, where asked for, its gradients for `hidden` and (float32) `weight`."""
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = None  # float32 (V, dim), created by the first chunk's product
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
+        loss, grad = _softmax_loss_(linear(h, weight).float(), y, ignore_index)  # grad (n, V)
+        total += loss
+        with torch.autocast(hidden.device.type, enabled=False):  # gradients accumulate in float32
+            if need_h:
+                grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
+            if need_w:
+                grad_w = grad.t() @ h.float() if grad_w is None else grad_w.addmm_(grad.t(), h.float())
+    return total, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight^T, labels), a chunk of rows at a time, with the gradients computed
     chunk by chunk in the forward: the (N, vocab) logits and their gradient never exist whole."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ignore_index: int) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None  # float32 (V, dim), created by the first chunk's product
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
-            loss, grad = _softmax_loss_(linear(h, weight).float(), y, ignore_index)  # grad (n, V)
-            total += loss
-            with torch.autocast(hidden.device.type, enabled=False):  # gradients accumulate in float32
-                if need_h:
-                    grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
-                if need_w:
-                    grad_w = grad.t() @ h.float() if grad_w is None else grad_w.addmm_(grad.t(), h.float())
+        total, grad_h, grad_w = _chunked_loss(hidden, weight, labels, chunk_rows, ignore_index, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -144,12 +151,7 @@ def linear_cross_entropy(
     chunk_rows = max(1, chunk_elements // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, ignore_index)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = linear(hidden[start : start + chunk_rows], weight).float()
-        total += _softmax_loss_(logits, labels[start : start + chunk_rows], ignore_index)[0]
-    return total
-
+    return _chunked_loss(hidden, weight, labels, chunk_rows, ignore_index, need_h=False, need_w=False)[0]
 
 
 # ---------------------------------------------------------------- norms
