@@ -95,7 +95,7 @@ from lmforge.train.distributed import init_distributed
 from lmforge.train.loop import TrainConfig, TrainResult, autocast_for
 from lmforge.train.lora import LoraConfig, lora_disabled
 from lmforge.train.objectives import group_advantages, grpo, token_logps
-from lmforge.train.report import Callback, read_metrics
+from lmforge.train.report import Callback, plot_curves, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -436,23 +436,8 @@ class RolloutLoader:
 
 def plot_rewards(path: Path, train: Sequence[Sequence[float]], evals: Sequence[Sequence[float]]) -> None:
     """Mean reward of the rollouts and of greedy held-out completions against step, into the PNG `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for points, style, label in ((train, "-", "rollouts (sampled)"), (evals, "o-", "held-out prompts (greedy)")):
-        if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label)
-    ax.set(xlabel="step", ylabel="mean reward", title="GRPO reward")
-    ax.grid(True, alpha=0.3)
-    if train or evals:
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    plot_curves(path, [(train, "-", "rollouts (sampled)"), (evals, "o-", "held-out prompts (greedy)")],
+                ylabel="mean reward", title="GRPO reward")
 
 
 class RewardPlot(Callback):

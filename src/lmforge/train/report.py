@@ -103,30 +103,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(
-    path: Path, train: Sequence[Sequence[float]], evals: Sequence[Sequence[float]], title: str = "Training loss"
-) -> None:
-    """Draw train and validation loss against step into the PNG `path` (written atomically)."""
+Curve = tuple[Sequence[Sequence[float]], str, str]  # (step, value) points, matplotlib style, label
+
+
+def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str) -> None:
+    """Draw each curve's values against step into the PNG `path` (written atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train", linewidth=1.2)
-    if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="validation", linewidth=1.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per target token)")
-    ax.set_title(title)
+    for points, style, label in curves:
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(True, alpha=0.3)
-    if train or evals:
+    if any(points for points, _, _ in curves):
         ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+
+
+def plot_losses(
+    path: Path, train: Sequence[Sequence[float]], evals: Sequence[Sequence[float]], title: str = "Training loss"
+) -> None:
+    """Draw train and validation loss against step into the PNG `path` (written atomically)."""
+    plot_curves(path, [(train, "-", "train"), (evals, "o-", "validation")],
+                ylabel="loss (nats per target token)", title=title)
 
 
 class ProgressBar(Callback):
