@@ -12,10 +12,11 @@ Design choices:
   weights load without permuting q/k rows.
 - Grouped-query attention never copies keys/values per query head (`enable_gqa`).
 - Every projection is a `Linear`: an `nn.Linear` whose float32 CPU forward runs on oneDNN
-  instead of the BLAS behind `F.linear`. On the AMD EPYC CPUs we measure on that is 1.1-2x
-  faster for the few rows of a decode step and 1.1-1.5x for the 50k-wide output projection
-  of a training batch (`benchmarks/decode.py`, `benchmarks/train_throughput.py`); results
-  agree with `F.linear` to float32 rounding. Other devices and dtypes use `F.linear`.
+  instead of the BLAS behind `F.linear`. On the AMD EPYC CPUs we measure on, per matmul, that
+  is 1.1-2x faster for the few rows of a decode step and 1.5x for the 50k-wide output
+  projection of a training batch (end to end: `benchmarks/decode.py`,
+  `benchmarks/train_throughput.py`); results agree with `F.linear` to float32 rounding.
+  Other devices and dtypes use `F.linear`.
 """
 
 from __future__ import annotations
