@@ -16,7 +16,9 @@ Design choices:
   is 1.1-2x faster for the few rows of a decode step and 1.5x for the 50k-wide output
   projection of a training batch (end to end: `benchmarks/decode.py`,
   `benchmarks/train_throughput.py`); results agree with `F.linear` to float32 rounding.
-  Other devices and dtypes use `F.linear`.
+  Without gradients and with at most 8 rows (a decode step) it runs the native kernel of
+  `kernels.py` instead, which streams the weights at close to memory speed. Other devices and
+  dtypes use `F.linear`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.models import kernels
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin), each (B, 1, T, head_dim), or None without rotary positions
 
@@ -70,6 +73,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows <= kernels.MAX_ROWS and (gemv := kernels.gemv_kernel()) is not None and (bias is None or bias.is_contiguous()):
+        return gemv(x.reshape(rows, -1).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return _onednn_linear(x, weight, bias)
 
 
