@@ -172,7 +172,7 @@ class Engine:
         tokens[slots, 0] = torch.tensor([r.last_token for r in runs], device=self.device)
         positions[slots, 0] = torch.tensor([r.length - 1 for r in runs], device=self.device)
         logits = self._last_logits(tokens, positions, self.cache.view(0, hi))  # (slots, V)
-        return self._emit(runs, logits[slots])
+        return self._emit(runs, logits if slots == list(range(hi)) else logits[slots])
 
     def _last_logits(self, ids: Tensor, positions: Tensor, cache) -> Tensor:
         """Logits of the last position only: the output projection is skipped for the rest of a prompt."""
