@@ -45,9 +45,11 @@ def test_gemv_row_does_not_depend_on_its_batch(gemv):
         assert torch.equal(gemv(x[i : i + 1], w, None), together[i : i + 1])  # bitwise: same order of sums
 
 
-def test_gemv_rejects_too_many_rows(gemv):
+def test_gemv_rejects_bad_shapes(gemv):
     with pytest.raises(ValueError, match="1 to 8 rows"):
         gemv(torch.randn(9, 4), torch.randn(3, 4), None)
+    with pytest.raises(ValueError, match="5 features but the weight expects 4"):
+        gemv(torch.randn(2, 5), torch.randn(3, 4), None)  # checked before any memory is read
 
 
 def test_linear_takes_the_kernel_for_few_rows_without_gradients(gemv, monkeypatch):
@@ -67,7 +69,7 @@ def test_linear_takes_the_kernel_for_few_rows_without_gradients(gemv, monkeypatc
         linear(torch.randn(9, 24), w, b)  # more rows than the kernel takes: oneDNN
     x = torch.randn(2, 24, requires_grad=True)
     linear(x, w, b).sum().backward()  # training: the differentiable path
-    assert calls == [(1, 24), (6, 24), (8, 24)]
+    assert calls == [(1, 24), (2, 3, 24), (8, 1, 24)]
 
 
 def test_no_kernel_when_switched_off(monkeypatch, caplog):

@@ -74,8 +74,8 @@ def _compile() -> Path:
 
 @functools.cache
 def gemv_kernel() -> Gemv | None:
-    """`gemv(x (M, K), weight (N, K), bias (N,) or None) -> (M, N)` for contiguous float32 CPU
-    tensors and 1 <= M <= MAX_ROWS; None where the kernel is unavailable (see the module notes)."""
+    """`gemv(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for contiguous float32 CPU
+    tensors and 1 to MAX_ROWS rows of x; None where the kernel is unavailable (see the module notes)."""
     reason = _unsupported()
     if reason is None:
         try:
@@ -91,11 +91,13 @@ def gemv_kernel() -> Gemv | None:
     fn.restype = ctypes.c_int
 
     def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        (m, k), n = x.shape, weight.shape[0]
-        y = x.new_empty((m, n))
+        n, k = weight.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+        y = x.new_empty((*x.shape[:-1], n))
         b = None if bias is None else bias.data_ptr()
-        if fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), m, n, k, torch.get_num_threads()) != 0:
-            raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {m}")
+        if fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()) != 0:
+            raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {x.numel() // k}")
         return y
 
     return gemv

@@ -66,16 +66,17 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, on oneDNN for contiguous float32 CPU tensors outside `torch.compile`."""
-    fast = (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and weight.is_contiguous() and not torch.compiler.is_compiling())
-    if not fast:
+    """`F.linear`, on oneDNN (or the native kernel, for few rows without gradients) for float32
+    CPU tensors outside `torch.compile`. Called for every projection of every step, so the checks
+    are ordered and written for speed (a decode step makes hundreds of calls)."""
+    if (not (_ONEDNN and x.is_cpu and weight.is_cpu and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous())
+            or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    if rows <= kernels.MAX_ROWS and (gemv := kernels.gemv_kernel()) is not None and (bias is None or bias.is_contiguous()):
-        return gemv(x.reshape(rows, -1).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    if (x.numel() <= kernels.MAX_ROWS * x.shape[-1] and (gemv := kernels.gemv_kernel()) is not None
+            and (bias is None or bias.is_contiguous())):
+        return gemv(x.contiguous(), weight, bias)
     return _onednn_linear(x, weight, bias)
 
 
