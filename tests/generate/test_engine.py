@@ -52,6 +52,20 @@ def test_batched_ragged_prompts_equal_each_alone(name):
     assert [r.tokens for r in queued] == alone
 
 
+def test_equal_prompts_are_prefilled_together(monkeypatch):
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 2], [3, 4, 5]]
+    alone = [Engine(model, n_slots=1).generate([Request(p, max_new_tokens=6)])[0].tokens for p in prompts]
+    engine = Engine(model, n_slots=4)
+    widths = []
+    hidden_states = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, **kw: widths.append(ids.shape) or hidden_states(ids, **kw))
+    assert [r.tokens for r in engine.generate([Request(p, max_new_tokens=6) for p in prompts])] == alone
+    prefills = [shape for shape in widths if shape[1] > 1]
+    # three 3-token prompts in one pass; the 2-token one alone; the last waits for a free slot
+    assert prefills == [torch.Size([3, 3]), torch.Size([1, 2]), torch.Size([1, 3])]
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny()
     req = lambda seed: Request([1, 2, 3], max_new_tokens=16, sampling=SamplingParams(temperature=1.0, top_k=50, seed=seed))  # noqa: E731

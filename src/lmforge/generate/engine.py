@@ -149,20 +149,32 @@ class Engine:
         events = [self._decode(decoding)] if decoding else []
         flat = [t for batch in events for t in batch]
         while self.waiting and self._free:
-            flat.append(self._admit(*self.waiting.popleft()))
+            flat.extend(self._admit())
         return flat
 
-    def _admit(self, seq_id: int, request: Request) -> Token:
-        slot = self._free.pop(0)
-        self.cache.reset(slot, slot + 1)
-        ids = torch.tensor([request.prompt], device=self.device)  # (1, T)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]  # (1, T)
-        logits = self._last_logits(ids, positions, self.cache.view(slot, slot + 1))  # (1, V)
-        run = _Running(seq_id, request, slot, length=len(request.prompt), generator=make_generator(request.sampling.seed, self.device))
-        self.running[seq_id] = run
-        if self._needs_counts(request.sampling):
-            self._init_counts(slot, request.prompt)
-        return self._emit([run], logits)[0]
+    def _admit(self) -> list[Token]:
+        """Prefill the next waiting request, together with the ones queued right after it that
+        have the same prompt length while consecutive slots are free: one forward pass for all
+        (a batch of equal prompts reads the weights once, not once per prompt)."""
+        first, length = self._free[0], len(self.waiting[0][1].prompt)
+        group: list[tuple[int, Request]] = []
+        while (self.waiting and len(self.waiting[0][1].prompt) == length
+               and first + len(group) in self._free):
+            group.append(self.waiting.popleft())
+        stop = first + len(group)
+        self._free = [s for s in self._free if not first <= s < stop]
+        self.cache.reset(first, stop)
+        ids = torch.tensor([request.prompt for _, request in group], device=self.device)  # (n, T)
+        positions = torch.arange(length, device=self.device)[None].expand(len(group), -1)  # (n, T)
+        logits = self._last_logits(ids, positions, self.cache.view(first, stop))  # (n, V)
+        runs = []
+        for slot, (seq_id, request) in enumerate(group, start=first):
+            run = _Running(seq_id, request, slot, length=length, generator=make_generator(request.sampling.seed, self.device))
+            self.running[seq_id] = run
+            if self._needs_counts(request.sampling):
+                self._init_counts(slot, request.prompt)
+            runs.append(run)
+        return self._emit(runs, logits)
 
     def _decode(self, runs: list[_Running]) -> list[Token]:
         hi = max(r.slot for r in runs) + 1
