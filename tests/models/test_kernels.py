@@ -98,3 +98,15 @@ def test_build_is_cached(gemv, tmp_path, monkeypatch):
     assert built.parent == tmp_path and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
     assert kernels._compile() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+
+
+def test_damaged_cached_build_is_removed(tmp_path, monkeypatch, caplog):
+    if not BUILDABLE:
+        pytest.skip("needs a buildable kernel")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    built = kernels._compile()
+    built.write_bytes(b"not a shared library")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert kernels.gemv_kernel.__wrapped__() is None
+    assert "loading" in caplog.text and not built.exists()
+    assert kernels.gemv_kernel.__wrapped__() is not None  # rebuilt

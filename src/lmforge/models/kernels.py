@@ -79,10 +79,16 @@ def gemv_kernel() -> Gemv | None:
     reason = _unsupported()
     if reason is None:
         try:
-            lib = ctypes.CDLL(str(_compile()))
+            library = _compile()
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
             reason = f"building it failed ({detail})"
+        else:
+            try:
+                lib = ctypes.CDLL(str(library))
+            except OSError as e:
+                library.unlink(missing_ok=True)  # unloadable (damaged?): the next process builds it afresh
+                reason = f"loading {library} failed ({e})"
     if reason is not None:
         log.info("native decode matmul unavailable: %s; using oneDNN", reason)
         return None
