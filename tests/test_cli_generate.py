@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,6 +68,14 @@ def test_bad_path_is_one_line(args):
     out = run(*args)
     assert out.returncode == 2
     assert out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
+
+
+def test_doctor_says_whether_the_native_kernel_runs():
+    out = run("doctor")
+    assert out.returncode == 0 and "native decode matmul: " in out.stdout
+    off = subprocess.run([sys.executable, "-m", "lmforge.cli", "-v", "doctor"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "LMFORGE_NATIVE": "0"})
+    assert "native decode matmul: no" in off.stdout and "LMFORGE_NATIVE=0" in off.stderr
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -104,6 +104,10 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     print(f"lmforge {lmforge.__version__} · python {platform.python_version()} · torch {torch.__version__}")
     print(f"threads {torch.get_num_threads()} · cuda {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()})" if torch.cuda.is_available() else ""))
+    from lmforge.models import kernels
+
+    print("native decode matmul: " + (f"yes (built in {kernels.cache_dir()})" if kernels.gemv_kernel()
+                                      else "no, decode uses oneDNN (run `lmforge -v doctor` for why)"))
     for name in ("tokenizers", "safetensors", "transformers", "fastapi", "uvicorn"):
         try:
             mod = __import__(name)
