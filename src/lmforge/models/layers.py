@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.models import kernels
 
-Rope = tuple[Tensor, Tensor] | None  # (cos, sin), each (B, 1, T, head_dim), or None without rotary positions
+Rope = tuple[Tensor, Tensor] | None  # (cos, signed sin), each (B, 1, T, head_dim); None without rotary positions
 
 
 # ---------------------------------------------------------------- linear layers
@@ -259,8 +259,8 @@ class RotaryPositions(NoPositions):
 
     def angles(self, positions: Tensor) -> Rope:
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, head_dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
-        return emb.cos(), emb.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]  # (B, 1, T, head_dim)
 
 
 def make_positions(config: ModelConfig) -> NoPositions:
@@ -268,15 +268,13 @@ def make_positions(config: ModelConfig) -> NoPositions:
     return kinds[config.positions](config) if config.positions in kinds else NoPositions()
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(q: Tensor, k: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x1, x2) = (-x2, x1). The sign lives in
+    `sin` (its first half negated by `angles`), so the rotation is a roll: three ops, not six."""
     cos, sin = rope
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    half = q.shape[-1] // 2
+    return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
 
 
 def no_rotation(q: Tensor, k: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
