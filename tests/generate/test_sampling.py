@@ -64,6 +64,7 @@ def random_logits(batch: int = 16, vocab: int = 50, seed: int = 0) -> torch.Tens
         ({"min_p": 1.1}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty": 1.6e-259}, "repetition_penalty"),  # found by the server fuzz test: 0 in float32
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -2.01}, "frequency_penalty"),
         ({"frequency_penalty": math.inf}, "frequency_penalty"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 from _serve_servers import Server
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize"]
@@ -97,6 +97,7 @@ REQUESTS = st.sampled_from(ROUTES).flatmap(lambda route: st.tuples(st.just(route
 
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(request=REQUESTS)
+@example(request=("/v1/chat/completions", encode({**BASES["/v1/chat/completions"], "repetition_penalty": 1.58e-259})))
 def test_random_bodies_never_get_a_5xx(main_server: Server, request: tuple[str, bytes]) -> None:
     route, body = request
     response = httpx.post(main_server.url + route, content=body, timeout=60,

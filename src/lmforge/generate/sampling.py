@@ -72,6 +72,9 @@ class InvalidSamplingParams(LmforgeError, ValueError):
 # ----------------------------------------------------------------------------- parameters
 
 
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # a logit / 1e-259 is inf in float32, and softmax NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its next token. Defaults mean plain sampling from the model."""
@@ -110,8 +113,9 @@ class SamplingParams:
             _fail(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             _fail(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            _fail(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            _fail(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] "
+                  f"(1 = off; beyond, penalised logits overflow or vanish), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 _fail(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")

@@ -50,7 +50,7 @@ class SamplingFields(_Body):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # below, float32 logits overflow
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
