@@ -6,6 +6,7 @@ once, so tokens/s can be at most bandwidth / weight bytes (x batch). Bandwidth i
 in this run with a streaming matrix-vector product over a ~1 GB matrix.
 
     python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
+    LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode matmul (oneDNN)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import transformers
 
 from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine, Request
+from lmforge.models import kernels
 
 
 def read_bandwidth(m: torch.Tensor) -> float:
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    print("decode matmul:", "native kernel" if kernels.gemv_kernel() else "oneDNN (no native kernel)")
     big = torch.randn(16384, 16384)
     first = None
     for shape in ("gpt2", "smollm-135m"):
