@@ -3,7 +3,8 @@
 GPT-2-small and SmolLM-135M shapes, batch 1 and batch 8, 128 new tokens, fp32, greedy.
 Also the fraction of the memory-bandwidth bound: each decode step must read every weight
 once, so tokens/s can be at most bandwidth / weight bytes (x batch). Bandwidth is measured
-in this run with a streaming matrix-vector product over a ~1 GB matrix.
+in this run with a streaming matrix-vector product over a ~1 GB matrix, timed in alternation
+with the generators (median), since it drifts by tens of percent on a shared host.
 
     python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
     LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode matmul (oneDNN)
@@ -25,16 +26,11 @@ from lmforge.generate.engine import Engine, Request
 from lmforge.models import kernels
 
 
-def read_bandwidth(m: torch.Tensor) -> float:
-    """Bytes/s of a streaming torch.mv over `m` (~1 GB, float32; best of 3). Measured again
-    beside every timing, since the host's bandwidth drifts."""
+def bandwidth_probe(m: torch.Tensor):
+    """One streaming torch.mv over `m` (~1 GB, float32): timed in alternation with the two
+    generators, so that its median reads the memory bandwidth they saw (it drifts on a shared host)."""
     v = torch.randn(m.shape[1])
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        torch.mv(m, v)
-        best = min(best, time.perf_counter() - t)
-    return m.numel() * 4 / best
+    return partial(torch.mv, m, v)
 
 
 def hf_model(shape: str):
@@ -93,8 +89,8 @@ def main() -> None:
 
             run_hf = partial(hf_generate, hf, prompts, n)
             run_ours = partial(lmforge_generate, Engine(ours, n_slots=batch, max_len=args.prompt_len + n + 1), prompts, n)
-            t_hf, t_ours = interleaved_seconds([run_hf, run_ours], args.repeats)
-            bandwidth = read_bandwidth(big)
+            t_hf, t_ours, t_read = interleaved_seconds([run_hf, run_ours, bandwidth_probe(big)], args.repeats)
+            bandwidth = big.numel() * 4 / t_read
             hf_tok_s, ours_tok_s = batch * n / t_hf, batch * n / t_ours
             bound = bandwidth / weight_bytes * batch  # tokens/s if each step only read the weights once
             print(f"{shape:12s} batch {batch} ({bandwidth / 1e9:.1f} GB/s): lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
