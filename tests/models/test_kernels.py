@@ -50,6 +50,10 @@ def test_gemv_rejects_bad_shapes(gemv):
         gemv(torch.randn(9, 4), torch.randn(3, 4), None)
     with pytest.raises(ValueError, match="5 features but the weight expects 4"):
         gemv(torch.randn(2, 5), torch.randn(3, 4), None)  # checked before any memory is read
+    with pytest.raises(ValueError, match="contiguous float32 CPU"):
+        gemv(torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4), None)
+    with pytest.raises(ValueError, match="not contiguous"):
+        gemv(torch.randn(2, 4), torch.randn(4, 3).t(), None)
 
 
 def test_linear_takes_the_kernel_for_few_rows_without_gradients(gemv, monkeypatch):

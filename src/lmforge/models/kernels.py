@@ -100,6 +100,10 @@ def gemv_kernel() -> Gemv | None:
         n, k = weight.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+        for t in (x, weight) if bias is None else (x, weight, bias):  # the C code trusts all of this
+            if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+                raise ValueError(f"gemv takes contiguous float32 CPU tensors, got {t.dtype} on {t.device}"
+                                 f"{'' if t.is_contiguous() else ' (not contiguous)'}")
         y = x.new_empty((*x.shape[:-1], n))
         b = None if bias is None else bias.data_ptr()
         if fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()) != 0:
