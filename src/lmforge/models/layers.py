@@ -13,12 +13,11 @@ Design choices:
 - Grouped-query attention never copies keys/values per query head (`enable_gqa`).
 - Every projection is a `Linear`: an `nn.Linear` whose float32 CPU forward runs on oneDNN
   instead of the BLAS behind `F.linear`. On the AMD EPYC CPUs we measure on, per matmul, that
-  is 1.1-2x faster for the few rows of a decode step and 1.5x for the 50k-wide output
-  projection of a training batch (end to end: `benchmarks/decode.py`,
-  `benchmarks/train_throughput.py`); results agree with `F.linear` to float32 rounding.
-  Without gradients and with at most 8 rows (a decode step) it runs the native kernel of
-  `kernels.py` instead, which streams the weights at close to memory speed. Other devices and
-  dtypes use `F.linear`.
+  is 1.1-2x faster for few rows and 1.5x for the 50k-wide output projection of a training
+  batch (`benchmarks/train_throughput.py`); results agree with `F.linear` to float32 rounding.
+  Without gradients and with at most 8 rows (a decode step) the native kernel of `kernels.py`
+  runs instead, reading the weights about twice as fast as oneDNN at 8 rows
+  (`benchmarks/decode.py`). Other devices and dtypes use `F.linear`.
 """
 
 from __future__ import annotations
@@ -174,7 +173,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused op; bitwise equal to the float32 formula below
+        if x.dtype == torch.float32:  # one fused op, bitwise equal to the formula below; other dtypes
+            # keep the formula: normalise in float32, cast back, then scale (as the HF reference does)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
