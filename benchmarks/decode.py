@@ -7,7 +7,7 @@ in this run with a streaming matrix-vector product over a ~1 GB matrix, timed in
 with the generators (median), since it drifts by tens of percent on a shared host.
 
     python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
-    LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode matmul (oneDNN)
+    LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode kernels (oneDNN, PyTorch attention)
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print("decode matmul:", "native kernel" if kernels.gemv_kernel() else "oneDNN (no native kernel)")
+    print("decode kernels:", "native" if kernels.native() else "oneDNN and PyTorch attention (no native kernels)")
     big = torch.randn(16384, 16384)
     first = None
     for shape in ("gpt2", "smollm-135m"):

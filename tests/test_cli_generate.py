@@ -72,10 +72,10 @@ def test_bad_path_is_one_line(args):
 
 def test_doctor_says_whether_the_native_kernel_runs():
     out = run("doctor")
-    assert out.returncode == 0 and "native decode matmul: " in out.stdout
+    assert out.returncode == 0 and "native decode kernels: " in out.stdout
     off = subprocess.run([sys.executable, "-m", "lmforge.cli", "-v", "doctor"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "LMFORGE_NATIVE": "0"})
-    assert "native decode matmul: no" in off.stdout and "LMFORGE_NATIVE=0" in off.stderr
+    assert "native decode kernels: no" in off.stdout and "LMFORGE_NATIVE=0" in off.stderr
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -106,8 +106,8 @@ def cmd_doctor(args: argparse.Namespace) -> None:
           + (f" ({torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()})" if torch.cuda.is_available() else ""))
     from lmforge.models import kernels
 
-    print("native decode matmul: " + (f"yes (built in {kernels.cache_dir()})" if kernels.gemv_kernel()
-                                      else "no, decode uses oneDNN (run `lmforge -v doctor` for why)"))
+    print("native decode kernels: " + (f"yes (built in {kernels.cache_dir()})" if kernels.native()
+                                       else "no, decode uses oneDNN and PyTorch attention (run `lmforge -v doctor` for why)"))
     for name in ("tokenizers", "safetensors", "transformers", "fastapi", "uvicorn"):
         try:
             mod = __import__(name)

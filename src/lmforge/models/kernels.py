@@ -1,17 +1,20 @@
-"""A native matmul for decode steps, compiled on first use.
+"""Native kernels for decode steps, compiled on first use.
 
 A decode step multiplies one row per sequence by every weight matrix, so it runs at the speed
 at which the weights stream from memory. On the x86 CPUs we measure, neither MKL nor oneDNN
 stream at memory speed for 1-8 rows: oneDNN reads 7-9 GB/s at 8 rows (11-14 at one) where a
-plain `torch.mv` reaches 15-17. `gemv.c` (AVX2 + FMA, OpenMP) reads each weight once for all
-rows: 14-22 GB/s at one row, 13-18 at 8 (`benchmarks/decode.py` measures the end-to-end effect).
+plain `torch.mv` reaches 15-17. `kernels.c` (AVX2 + FMA, OpenMP) has a matmul that reads each
+weight once for all rows: 14-22 GB/s at one row, 13-18 at 8. Its attention stores the step's
+keys and values and attends over the cache in one call and one pass, where PyTorch takes two
+`scatter_`s and a flash-attention kernel built for long queries (a GPT-2 step at batch 8: ~13%
+less time, measured end to end). `benchmarks/decode.py` measures the whole effect.
 
 The C source ships with the package. The first call compiles it with the system C compiler
 (`cc`, about a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`), under a name keyed
 by the source and flags, written to a temporary name and renamed. It links the OpenMP runtime
 PyTorch has already loaded, so both share one thread pool. Without a compiler, on a CPU without
-AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `gemv_kernel()` is None
-(logged once) and callers use oneDNN.
+AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `native()` is None (logged
+once) and callers use oneDNN and PyTorch's attention.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,10 +36,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # the kernel's largest batch of rows; more rows are compute-bound and go to oneDNN
-_SOURCE = Path(__file__).with_name("gemv.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-
-Gemv = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]  # after the source file
 
 
 def cache_dir() -> Path:
@@ -46,7 +46,7 @@ def cache_dir() -> Path:
 
 
 def _unsupported() -> str | None:
-    """Why the kernel cannot be used here, or None."""
+    """Why the kernels cannot be used here, or None."""
     if os.environ.get("LMFORGE_NATIVE", "1") == "0":
         return "LMFORGE_NATIVE=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -62,21 +62,19 @@ def _compile() -> Path:
     """The compiled library, built now unless an identical build is cached."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run(["cc", *_FLAGS, "-o", str(built), str(_SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run(["cc", str(_SOURCE), *_FLAGS, "-o", str(built)], check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent process sees no file or a whole one
     return target
 
 
-@functools.cache
-def gemv_kernel() -> Gemv | None:
-    """`gemv(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for contiguous float32 CPU
-    tensors and 1 to MAX_ROWS rows of x; None where the kernel is unavailable (see the module notes)."""
+def _load() -> ctypes.CDLL | None:
+    """The compiled library, or None (logged) where it cannot be built or loaded here."""
     reason = _unsupported()
     if reason is None:
         try:
@@ -86,29 +84,88 @@ def gemv_kernel() -> Gemv | None:
             reason = f"building it failed ({detail})"
         else:
             try:
-                lib = ctypes.CDLL(str(library))
+                return ctypes.CDLL(str(library))
             except OSError as e:
                 library.unlink(missing_ok=True)  # unloadable (damaged?): the next process builds it afresh
                 reason = f"loading {library} failed ({e})"
-    if reason is not None:
-        log.info("native decode matmul unavailable: %s; using oneDNN", reason)
-        return None
-    fn = lib.lmforge_gemv
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
+    log.info("native decode kernels unavailable: %s; using oneDNN and PyTorch attention", reason)
+    return None
 
-    def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+
+def _check_cpu_float32(*tensors: Tensor) -> None:
+    for t in tensors:  # the C code trusts all of this
+        if t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1:
+            raise ValueError(f"the native kernels take float32 CPU tensors with contiguous rows, got {t.dtype} "
+                             f"on {t.device}{'' if t.stride(-1) == 1 else ' (rows not contiguous)'}")
+
+
+class Native:
+    """The compiled kernels behind checked Python signatures."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._gemv = library.lmforge_gemv
+        self._gemv.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
+        self._gemv.restype = ctypes.c_int
+        self._attend = library.lmforge_decode_attention
+        self._attend.argtypes = ([ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 5
+                                 + [ctypes.c_float, ptr, ctypes.c_int])
+        self._attend.restype = ctypes.c_int
+
+    def gemv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """`F.linear(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for 1 to MAX_ROWS rows
+        of contiguous x, weight and bias."""
         n, k = weight.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-        for t in (x, weight) if bias is None else (x, weight, bias):  # the C code trusts all of this
-            if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
-                raise ValueError(f"gemv takes contiguous float32 CPU tensors, got {t.dtype} on {t.device}"
-                                 f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+        for t in (x, weight) if bias is None else (x, weight, bias):
+            _check_cpu_float32(t)
+            if not t.is_contiguous():
+                raise ValueError("gemv takes contiguous float32 CPU tensors (this one is not contiguous)")
         y = x.new_empty((*x.shape[:-1], n))
         b = None if bias is None else bias.data_ptr()
-        if fn(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()) != 0:
+        if self._gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
             raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {x.numel() // k}")
         return y
 
-    return gemv
+    def decode_attention(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, columns: Tensor,
+                         allowed: Tensor) -> Tensor:
+        """Store one new key and value per sequence in its cache, then attend its one query over it.
+
+        `q` (B, H, 1, D); `k`, `v` (B, Hk, 1, D) with H a multiple of Hk (grouped queries); any
+        strides with contiguous rows of D. `k_cache`, `v_cache` (B, Hk, C, D) contiguous: the new
+        key and value go to column `columns` (B, 1). `allowed` (B, 1, 1, S) bool, S <= C: which
+        columns each query may see (the new one included). Returns (B, 1, H * D), the heads side by
+        side as the output projection takes them; softmax scale 1/sqrt(D), as `sdpa` uses.
+        """
+        B, H, T, D = q.shape
+        Hk, C = k_cache.shape[1], k_cache.shape[2]
+        S = allowed.shape[-1]
+        if (T != 1 or k.shape != (B, Hk, 1, D) or v.shape != k.shape or k_cache.shape != (B, Hk, C, D)
+                or v_cache.shape != k_cache.shape or columns.shape != (B, 1) or allowed.shape != (B, 1, 1, S)):
+            raise ValueError(f"decode_attention got inconsistent shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"cache {tuple(k_cache.shape)}, columns {tuple(columns.shape)}, mask {tuple(allowed.shape)}")
+        if H % Hk or S > C:
+            raise ValueError(f"decode_attention: {H} query heads must be a multiple of the {Hk} key/value heads, "
+                             f"and the mask ({S} columns) no longer than the cache ({C})")
+        _check_cpu_float32(q, k, v, k_cache, v_cache)
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("decode_attention needs contiguous caches")
+        if columns.dtype != torch.int64 or allowed.dtype != torch.bool:
+            raise ValueError(f"decode_attention takes int64 columns and a bool mask, got {columns.dtype}, {allowed.dtype}")
+        columns, allowed = columns.contiguous(), allowed.contiguous()
+        out = q.new_empty((B, 1, H * D))
+        status = self._attend(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+                              k.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), C, columns.data_ptr(),
+                              allowed.data_ptr(), S, B, H, Hk, D, D**-0.5, out.data_ptr(), torch.get_num_threads())
+        if status:
+            raise ValueError("decode_attention: " + ("a cache column is outside the cache" if status == 2
+                                                     else "sizes the C code refuses"))
+        return out
+
+
+@functools.cache
+def native() -> Native | None:
+    """The native decode kernels; None where they are unavailable (see the module notes)."""
+    library = _load()
+    return None if library is None else Native(library)

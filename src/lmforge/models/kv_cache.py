@@ -105,9 +105,19 @@ class CacheView:
         self._used = int((new_pos >= 0).any(0).nonzero().max()) + 1
         return new_pos[:, : self._used]
 
+    def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """This pass's slots of the layer's key and value buffers (B, n_kv_heads, capacity, head_dim),
+        for a caller that stores each token at `columns` itself (the native decode attention)."""
+        return self.cache.keys[layer][self.rows], self.cache.values[layer][self.rows]
+
+    @property
+    def columns(self) -> Tensor:
+        """(B, T') the buffer column of each token this pass stores (the newest T' <= T of them)."""
+        return self._write_cols
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values (B, n_kv_heads, T, head_dim); return what to attend over."""
-        ck, cv = self.cache.keys[layer][self.rows], self.cache.values[layer][self.rows]
+        ck, cv = self.buffers(layer)
         if self._concat:
             k_all, v_all = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
         idx = self._write_cols[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, n_kv_heads, T', head_dim)

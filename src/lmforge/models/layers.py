@@ -73,9 +73,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    if (x.numel() <= kernels.MAX_ROWS * x.shape[-1] and (gemv := kernels.gemv_kernel()) is not None
+    if (x.numel() <= kernels.MAX_ROWS * x.shape[-1] and (native := kernels.native()) is not None
             and (bias is None or bias.is_contiguous())):
-        return gemv(x.contiguous(), weight, bias)
+        return native.gemv(x.contiguous(), weight, bias)
     return _onednn_linear(x, weight, bias)
 
 
@@ -329,6 +329,13 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 sdpa: Callable[..., Tensor] = _sdpa_gqa if _SDPA_HAS_GQA else _sdpa_repeat
 
 
+def _native_for(q: Tensor) -> kernels.Native | None:
+    """The native kernels, when they can attend for this query: float32 on the CPU, no gradient."""
+    if q.dtype != torch.float32 or not q.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return kernels.native()
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache."""
 
@@ -352,11 +359,16 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = self.rotate(q, k, rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv_heads, S, head_dim)
-        dropout = self.dropout if self.training else 0.0
-        y = sdpa(q, k, v, mask, dropout, self.causal and mask is None)  # (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
+        if (cache is not None and T == 1 and mask is not None and not self.training
+                and (native := _native_for(q)) is not None):
+            # one decode token per sequence: store and attend in one native call
+            y = native.decode_attention(q, k, v, *cache.buffers(self.layer_idx), cache.columns, mask)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv_heads, S, head_dim)
+            dropout = self.dropout if self.training else 0.0
+            y = sdpa(q, k, v, mask, dropout, self.causal and mask is None)  # (B, n_heads, T, head_dim)
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * head_dim)
         return self.resid_drop(self.o(y))
 
 

@@ -1,6 +1,8 @@
-/* y (M, N) = x (M, K) @ w (N, K)^T + b for 1 <= M <= 8 rows: the matmul of a decode step.
+/* Native kernels for decode steps (one new token per sequence), compiled on first use by
+ * lmforge/models/kernels.py, which checks every shape, stride and dtype these functions trust.
  *
- * A decode step is bound by reading the weights from memory, so the kernel reads each weight
+ * lmforge_gemv: y (M, N) = x (M, K) @ w (N, K)^T + b for 1 <= M <= 8 rows, the matmul of a decode
+ * step. A decode step is bound by reading the weights from memory, so the kernel reads each weight
  * row once for all M rows of x (which stay in L1/L2), with AVX2 + FMA, several weight rows at a
  * time so the FMAs of different outputs overlap. Threads split the output columns.
  *
@@ -8,10 +10,13 @@
  * k % 8 tail) whatever M and the tile shape are, so a row's result does not depend on which other
  * rows share the batch.
  *
- * Compiled on first use by lmforge/models/kernels.py; all tensors contiguous float32. */
+ * lmforge_decode_attention: store each sequence's new key and value in its KV cache, then attend
+ * its one query over the cache, in one pass over the keys and values (online softmax). */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -83,6 +88,79 @@ int lmforge_gemv(const float *x, const float *w, const float *b, float *y, int64
     for (int t = 0; t < threads; t++) {
         int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
         if (n0 < n1) tile(x, w, b, y, N, K, n0, n1);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- decode attention */
+
+static inline float dot(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    float s = hsum(acc);
+    for (; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* o = o * c + p * v, D floats */
+static inline void scale_add(float *o, float c, float p, const float *v, int64_t D) {
+    __m256 cv = _mm256_set1_ps(c), pv = _mm256_set1_ps(p);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_mul_ps(cv, _mm256_loadu_ps(o + d))));
+    for (; d < D; d++) o[d] = o[d] * c + p * v[d];
+}
+
+/* softmax(q . K[s] * scale over the allowed s) weighted sum of V[s] into o (D floats): one pass,
+ * rescaling the running sum whenever a larger score appears. Zeros if no key is allowed. */
+static void attend_one(const float *q, const float *K, const float *V, const uint8_t *allowed, int64_t S,
+                       int64_t D, float scale, float *o) {
+    float peak = -INFINITY, total = 0.0f;
+    memset(o, 0, D * sizeof(float));
+    for (int64_t s = 0; s < S; s++) {
+        if (!allowed[s]) continue;
+        float score = dot(q, K + s * D, D) * scale;
+        if (score > peak) {
+            float c = expf(peak - score); /* 0 for the first key */
+            total = total * c + 1.0f;
+            scale_add(o, c, 1.0f, V + s * D, D);
+            peak = score;
+        } else {
+            float p = expf(score - peak);
+            total += p;
+            scale_add(o, 1.0f, p, V + s * D, D);
+        }
+    }
+    float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int64_t d = 0; d < D; d++) o[d] *= inv;
+}
+
+/* B sequences, H query heads sharing Hk key/value heads (H % Hk == 0), head size D.
+ * q: query of sequence b, head h at q + b*q_sb + h*q_sh; kn, vn: new key/value of b, kv head g at
+ * + b*n_sb + g*n_sh (each D contiguous floats). kc, vc: caches (B, Hk, C, D), contiguous; the new
+ * key/value of b is written at column cols[b] (0 <= cols[b] < C). allowed (B, S), S <= C: may b's
+ * query see column s. out (B, H * D): head h of b at out + (b*H + h)*D, ready for the output
+ * projection. Returns 1 on inconsistent sizes, 2 on a column outside the cache, 0 otherwise. */
+int lmforge_decode_attention(const float *q, int64_t q_sb, int64_t q_sh, const float *kn, const float *vn,
+                             int64_t n_sb, int64_t n_sh, float *kc, float *vc, int64_t C, const int64_t *cols,
+                             const uint8_t *allowed, int64_t S, int64_t B, int64_t H, int64_t Hk, int64_t D,
+                             float scale, float *out, int threads) {
+    if (B < 1 || Hk < 1 || H % Hk || D < 1 || S < 1 || S > C || threads < 1) return 1;
+    for (int64_t b = 0; b < B; b++)
+        if (cols[b] < 0 || cols[b] >= C) return 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < Hk; g++) {
+            int64_t at = ((b * Hk + g) * C + cols[b]) * D;
+            memcpy(kc + at, kn + b * n_sb + g * n_sh, D * sizeof(float));
+            memcpy(vc + at, vn + b * n_sb + g * n_sh, D * sizeof(float));
+        }
+    int64_t group = H / Hk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H, g = h / group;
+        attend_one(q + b * q_sb + h * q_sh, kc + (b * Hk + g) * C * D, vc + (b * Hk + g) * C * D, allowed + b * S, S, D,
+                   scale, out + bh * D);
     }
     return 0;
 }
