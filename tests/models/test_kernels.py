@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from lmforge.config import preset
 from lmforge.generate.engine import Engine, Request
 from lmforge.models import build_model, kernels
-from lmforge.models.layers import linear, sdpa
+from lmforge.models.layers import gelu, linear, sdpa
 
 BUILDABLE = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
@@ -196,3 +196,31 @@ def test_decode_steps_take_the_native_attention_and_match_pytorch(native, monkey
     want_tokens, want_logprobs = run()
     assert tokens == want_tokens
     assert_close(logprobs, want_logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [5, 13, 4096, 100_003])  # the scalar tail, one thread, several threads
+def test_gelu_tanh_matches_pytorch_forward_and_backward(native, n):
+    torch.manual_seed(n)
+    x = torch.cat([torch.randn(n) * 4, torch.tensor([0.0, -0.0, 1e-30, 30.0, -30.0, 100.0, -100.0])])
+    grad = torch.randn_like(x)
+    exact = x.double().requires_grad_()
+    want = F.gelu(exact, approximate="tanh")
+    (want_grad,) = torch.autograd.grad(want, exact, grad.double())
+    assert_close(native.gelu_tanh(x).double(), want.detach(), atol=2e-6, rtol=2e-6)
+    assert_close(native.gelu_tanh_backward(grad, x).double(), want_grad, atol=2e-5, rtol=2e-5)
+
+
+def test_gelu_takes_the_kernel_in_training_and_inference(native, monkeypatch):
+    calls, forward = [], native.gelu_tanh
+    monkeypatch.setattr(native, "gelu_tanh", lambda x: calls.append(x.shape) or forward(x))
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    y = gelu(x, "tanh")
+    (got,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    (want,) = torch.autograd.grad(F.gelu(x, approximate="tanh"), x, torch.ones_like(y))
+    assert_close(y, F.gelu(x, approximate="tanh"), atol=2e-6, rtol=2e-6)
+    assert_close(got, want, atol=2e-5, rtol=2e-5)
+    with torch.inference_mode():
+        gelu(x.detach(), "tanh")
+    gelu(x, "none")  # the exact GELU (BERT) stays on PyTorch
+    assert calls == [(3, 7, 40), (3, 7, 40)]

@@ -99,6 +99,12 @@ def _check_cpu_float32(*tensors: Tensor) -> None:
                              f"on {t.device}{'' if t.stride(-1) == 1 else ' (rows not contiguous)'}")
 
 
+def _check_contiguous_cpu_float32(*tensors: Tensor) -> None:
+    _check_cpu_float32(*tensors)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("this native kernel takes contiguous float32 CPU tensors (one is not contiguous)")
+
+
 class Native:
     """The compiled kernels behind checked Python signatures."""
 
@@ -111,6 +117,12 @@ class Native:
         self._attend.argtypes = ([ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 5
                                  + [ctypes.c_float, ptr, ctypes.c_int])
         self._attend.restype = ctypes.c_int
+        self._gelu = library.lmforge_gelu_tanh
+        self._gelu.argtypes = [ptr, ptr, i64, ctypes.c_int]
+        self._gelu.restype = None
+        self._gelu_backward = library.lmforge_gelu_tanh_backward
+        self._gelu_backward.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+        self._gelu_backward.restype = None
 
     def gemv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """`F.linear(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for 1 to MAX_ROWS rows
@@ -118,10 +130,7 @@ class Native:
         n, k = weight.shape
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-        for t in (x, weight) if bias is None else (x, weight, bias):
-            _check_cpu_float32(t)
-            if not t.is_contiguous():
-                raise ValueError("gemv takes contiguous float32 CPU tensors (this one is not contiguous)")
+        _check_contiguous_cpu_float32(*((x, weight) if bias is None else (x, weight, bias)))
         y = x.new_empty((*x.shape[:-1], n))
         b = None if bias is None else bias.data_ptr()
         if self._gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
@@ -161,6 +170,23 @@ class Native:
         if status:
             raise ValueError("decode_attention: " + ("a cache column is outside the cache" if status == 2
                                                      else "sizes the C code refuses"))
+        return out
+
+
+    def gelu_tanh(self, x: Tensor) -> Tensor:
+        """`F.gelu(x, approximate="tanh")` of a contiguous tensor (within a few float32 ulp)."""
+        _check_contiguous_cpu_float32(x)
+        y = torch.empty_like(x)
+        self._gelu(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        return y
+
+    def gelu_tanh_backward(self, grad: Tensor, x: Tensor) -> Tensor:
+        """The gradient of `gelu_tanh` at `x` times `grad` (same shape, both contiguous)."""
+        _check_contiguous_cpu_float32(grad, x)
+        if grad.shape != x.shape:
+            raise ValueError(f"gelu_tanh_backward got a gradient of shape {tuple(grad.shape)} for x {tuple(x.shape)}")
+        out = torch.empty_like(x)
+        self._gelu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
         return out
 
 
