@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lmforge.config import preset
-from lmforge.models import build_model
+from lmforge.models import build_model, layers
 from lmforge.models.layers import linear, linear_cross_entropy
 
 
@@ -89,3 +89,24 @@ def test_linear_cross_entropy_under_bf16_autocast_keeps_float32_gradients():
     for a, r in zip(ours, theirs):
         assert a.dtype == torch.float32
         assert_close(a, r, atol=0.05, rtol=2e-2)
+
+
+def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
+    """The output projection's gradient buffer becomes the tied weight's .grad, with the token
+    lookup's rows added in place: no vocabulary-sized copy (gradient accumulation adds into it)."""
+    model = build_model(preset("tiny-gpt2"))
+    assert model.lm_head.weight is model.embed.weight
+    addresses, chunked = [], layers._chunked_loss  # addresses only: holding the buffer would force a copy
+
+    def spy(*args, **kwargs):
+        out = chunked(*args, **kwargs)
+        addresses.append(out[2].data_ptr())
+        return out
+
+    monkeypatch.setattr(layers, "_chunked_loss", spy)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model(ids, labels=ids).backward()
+    assert model.embed.weight.grad.data_ptr() == addresses[0]
+    first = model.embed.weight.grad.clone()
+    model(ids, labels=ids).backward()  # a second micro-batch accumulates
+    assert_close(model.embed.weight.grad, 2 * first)

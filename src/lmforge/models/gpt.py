@@ -22,7 +22,9 @@ from lmforge.models.kv_cache import CacheView
 from lmforge.models.layers import (
     Block,
     Linear,
+    TiedGradient,
     attention_mask,
+    embedding,
     init_weights,
     linear_cross_entropy,
     make_norm,
@@ -59,18 +61,18 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         document_ids: Tensor | None = None,
         cache: CacheView | None = None,
-        sparse_embedding_grad: bool = False,
+        tied: TiedGradient | None = None,
     ) -> list[Tensor]:
         """The residual stream after the embeddings and after every block, the last one normed.
 
         `attention_mask` (B, T) marks padding with 0; `positions` (B, T) default to 0..T-1;
         `document_ids` (B, T) keep packed documents from attending to each other (training only);
         with a `cache`, keys and values of earlier steps are attended to and this step's are stored.
-        `sparse_embedding_grad` makes the token lookup's gradient sparse rows, for callers that
-        also produce a dense gradient of the same (tied) weight, which the rows are added to.
+        `tied` takes the gradient of the tied output projection to the token lookup, which adds
+        its rows to it (see `TiedGradient`).
         """
         positions = default_positions(input_ids) if positions is None else positions
-        tokens = F.embedding(input_ids, self.embed.weight, sparse=sparse_embedding_grad)  # (B, T, dim)
+        tokens = embedding(input_ids, self.embed.weight, tied)  # (B, T, dim)
         x = self.drop(self.positions.add(tokens, positions))  # (B, T, dim)
         rope = self.positions.angles(positions)
         mask = self._mask(positions, attention_mask, document_ids, cache)
@@ -96,18 +98,18 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size); given `labels` (B, T), instead the cross-entropy summed over
         the labels that are not -100, computed without materialising the logits.
 
-        With tied embeddings the fused loss yields the dense gradient of the shared weight, so the
-        lookup's gradient is taken as sparse rows and added to it: one vocabulary-sized gradient
-        buffer per step instead of three.
+        With tied embeddings the fused loss hands the dense gradient of the shared weight to the
+        token lookup, which adds its rows in place: one vocabulary-sized gradient buffer per step.
         """
         fused = (labels is not None and type(self.lm_head) is Linear and self.lm_head.bias is None
                  and not torch.compiler.is_compiling())
+        tied = TiedGradient() if fused and self.lm_head.weight is self.embed.weight else None
         h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, document_ids=document_ids,
-                               cache=cache, sparse_embedding_grad=fused and self.lm_head.weight is self.embed.weight)[-1]
+                               cache=cache, tied=tied)[-1]
         if labels is None:
             return self.lm_head(h)  # (B, T, vocab_size)
         if fused:
-            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), tied=tied)
         return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
     def _mask(
