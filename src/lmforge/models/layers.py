@@ -102,7 +102,7 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     loss = ((peak.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
     logits.scatter_add_(1, target, valid[:, None].to(logits.dtype).neg())
     if not bool(valid.all()):
-        logits[~valid] = 0.0  # only the ignored rows are written
+        logits.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # only the ignored rows are written
     return loss, logits
 
 
