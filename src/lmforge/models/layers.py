@@ -3,11 +3,15 @@
 Design choices:
 - Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`),
   so every `forward` below is straight-line code.
-- Attention always goes through PyTorch's fused `scaled_dot_product_attention`. Causality,
+- Attention goes through PyTorch's fused `scaled_dot_product_attention`. Causality,
   padding, sliding windows and the KV cache are all expressed the same way: each query and
   each key carries its absolute position, and `attention_mask` turns positions into a boolean
   mask. When nothing but plain causality applies, no mask is built and the fused kernel's
-  `is_causal` path is used.
+  `is_causal` path is used. The one exception is a float32 CPU decode step (one query per
+  sequence, no gradient): the native kernel of `kernels.py` stores the new keys/values and
+  attends over the cache with the same mask in one call.
+- GPT-2's GELU (tanh form) of float32 CPU tensors runs on the native kernel, forward and
+  backward: PyTorch's tanh is slow on these CPUs.
 - Rotary embeddings use the "rotate half" layout of Hugging Face checkpoints, so LLaMA-family
   weights load without permuting q/k rows.
 - Grouped-query attention never copies keys/values per query head (`enable_gqa`).
