@@ -1,4 +1,4 @@
-"""Native kernels for decode steps, compiled on first use.
+"""Native CPU kernels, compiled on first use: the decode step's matmul and attention, and GPT-2's GELU.
 
 A decode step multiplies one row per sequence by every weight matrix, so it runs at the speed
 at which the weights stream from memory. On the x86 CPUs we measure, neither MKL nor oneDNN
@@ -7,14 +7,16 @@ plain `torch.mv` reaches 15-17. `kernels.c` (AVX2 + FMA, OpenMP) has a matmul th
 weight once for all rows: 14-22 GB/s at one row, 13-18 at 8. Its attention stores the step's
 keys and values and attends over the cache in one call and one pass, where PyTorch takes two
 `scatter_`s and a flash-attention kernel built for long queries (a GPT-2 step at batch 8: ~13%
-less time, measured end to end). `benchmarks/decode.py` measures the whole effect.
+less time, measured end to end). `benchmarks/decode.py` measures the whole effect. Its GELU
+(tanh form) is used in training and decoding: on one GPT-2 layer's training activations it
+took 1.4 ms forward and 2.2 ms backward where PyTorch's took 6.4 and 6.8.
 
 The C source ships with the package. The first call compiles it with the system C compiler
 (`cc`, about a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`), under a name keyed
 by the source and flags, written to a temporary name and renamed. It links the OpenMP runtime
 PyTorch has already loaded, so both share one thread pool. Without a compiler, on a CPU without
 AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `native()` is None (logged
-once) and callers use oneDNN and PyTorch's attention.
+once) and callers use oneDNN and PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _load() -> ctypes.CDLL | None:
             except OSError as e:
                 library.unlink(missing_ok=True)  # unloadable (damaged?): the next process builds it afresh
                 reason = f"loading {library} failed ({e})"
-    log.info("native decode kernels unavailable: %s; using oneDNN and PyTorch attention", reason)
+    log.info("native kernels unavailable: %s; using oneDNN and PyTorch's own kernels", reason)
     return None
 
 
@@ -172,7 +174,6 @@ class Native:
                                                      else "sizes the C code refuses"))
         return out
 
-
     def gelu_tanh(self, x: Tensor) -> Tensor:
         """`F.gelu(x, approximate="tanh")` of a contiguous tensor (within a few float32 ulp)."""
         _check_contiguous_cpu_float32(x)
@@ -192,6 +193,6 @@ class Native:
 
 @functools.cache
 def native() -> Native | None:
-    """The native decode kernels; None where they are unavailable (see the module notes)."""
+    """The native kernels; None where they are unavailable (see the module notes)."""
     library = _load()
     return None if library is None else Native(library)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models import kernels
+from lmforge.models.kv_cache import CacheView
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, signed sin), each (B, 1, T, head_dim); None without rotary positions
 
@@ -380,9 +381,11 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 sdpa: Callable[..., Tensor] = _sdpa_gqa if _SDPA_HAS_GQA else _sdpa_repeat
 
 
-def _native_for(q: Tensor) -> kernels.Native | None:
-    """The native kernels, when they can attend for this query: float32 on the CPU, no gradient."""
-    if q.dtype != torch.float32 or not q.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling():
+def _native_attention(q: Tensor, cache: CacheView | None, mask: Tensor | None, training: bool) -> kernels.Native | None:
+    """The native kernels when they can run this attention: a decode step (one float32 CPU query
+    per sequence, attending over a cache with a mask), without gradients or training."""
+    if (cache is None or mask is None or training or q.shape[2] != 1 or q.dtype != torch.float32 or not q.is_cpu
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return None
     return kernels.native()
 
@@ -410,8 +413,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = self.rotate(q, k, rope)
-        if (cache is not None and T == 1 and mask is not None and not self.training
-                and (native := _native_for(q)) is not None):
+        if (native := _native_attention(q, cache, mask, self.training)) is not None:
             # one decode token per sequence: store and attend in one native call
             y = native.decode_attention(q, k, v, *cache.buffers(self.layer_idx), cache.columns, mask)
         else:
