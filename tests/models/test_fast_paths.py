@@ -110,3 +110,43 @@ def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
     first = model.embed.weight.grad.clone()
     model(ids, labels=ids).backward()  # a second micro-batch accumulates
     assert_close(model.embed.weight.grad, 2 * first)
+
+
+def test_linear_cross_entropy_over_several_vocabulary_blocks():
+    """Logits wider than one oneDNN block (`_VOCAB_BLOCK` columns), the last block short."""
+    torch.manual_seed(0)
+    vocab = 2 * layers._VOCAB_BLOCK + 37
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(vocab, 8, requires_grad=True)
+    labels = torch.tensor([0, vocab - 1, layers._VOCAB_BLOCK, layers._VOCAB_BLOCK - 1, -100, 5])
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=4 * vocab)  # chunks of 4 and 2 rows
+    ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    for a, r in zip(torch.autograd.grad(loss, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_gradient_memory_is_reused_only_once_released():
+    """Step after step, the output projection's gradient lands in the same memory (no fresh
+    vocabulary-sized allocation to page-fault), but never in memory someone still holds."""
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8)
+    weight = torch.randn(300, 8, requires_grad=True)
+    labels = torch.randint(0, 300, (10,))
+
+    def step() -> int:
+        linear_cross_entropy(hidden, weight, labels).backward()
+        address = weight.grad.data_ptr()
+        weight.grad = None  # what zero_grad() does
+        return address
+
+    first = step()
+    taken = [torch.empty_like(weight) for _ in range(3)]  # would take the memory, had it been freed
+    assert first not in {t.data_ptr() for t in taken}
+    assert step() == first == step()
+    linear_cross_entropy(hidden, weight, labels).backward()
+    held = weight.grad  # the caller keeps this step's gradient
+    expected = held.clone()
+    weight.grad = None
+    assert step() != held.data_ptr()
+    assert torch.equal(held, expected)
