@@ -24,6 +24,7 @@ from lmforge.train.loop import (
     decay_param_groups,
     evaluate_objective,
     lr_at,
+    scale_and_clip_,
     train,
 )
 from lmforge.train.monitor import LossSpikeDetector, NonFiniteGuard, grad_norms, is_finite
@@ -291,3 +292,25 @@ def test_tensorboard_missing_is_a_warning(tmp_path: Path, caplog: pytest.LogCapt
         train(ToyLM(), causal_lm, ToyLoader(4), small_cfg(steps=1, tensorboard=True), tmp_path,
               save_model=save_toy_model)
     assert "tensorboard is not installed" in caplog.text
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3, math.inf])  # clipped; not clipped; clipping off
+def test_scale_and_clip_equals_mean_then_clip_grad_norm(max_norm: float) -> None:
+    torch.manual_seed(0)
+    ours, ref = ToyLM(dropout=0.0), ToyLM(dropout=0.0)
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 16, (2, 6))
+    for model in (ours, ref):
+        model(ids).square().sum().backward()
+    next(ours.parameters()).grad = None  # a parameter without a gradient is left alone
+    next(ref.parameters()).grad = None
+    norm = scale_and_clip_(ours.parameters(), 0.25, max_norm)
+    for p in ref.parameters():
+        if p.grad is not None:
+            p.grad.mul_(0.25)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    assert norm == pytest.approx(float(ref_norm), rel=1e-6)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
