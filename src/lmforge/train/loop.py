@@ -218,8 +218,9 @@ ParamGroups = Callable[[nn.Module], list[dict[str, Any]]]
 
 def scale_and_clip_(params: Iterable[nn.Parameter], scale: float, max_norm: float) -> float:
     """Multiply the gradients by `scale`, then clip them to total norm `max_norm` (as
-    `clip_grad_norm_`), in one pass over them: each pass is ~1 GB of memory traffic for GPT-2
-    small. Returns the norm of the scaled gradients before clipping."""
+    `clip_grad_norm_`), with one multiply of each: the norm is taken before scaling. Each pass over
+    the gradients is ~1 GB of memory traffic for GPT-2 small. Returns the norm of the scaled
+    gradients before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
