@@ -19,7 +19,7 @@ import yaml
 
 from lmforge.data import prepare
 from lmforge.tokenizer import train_tokenizer
-from lmforge.train.pretrain import pretrain
+from lmforge.train.pretrain import run_pretrain
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     recipe["out_dir"] = str(work / "run")
     recipe["data"].update(shards=str(work / "data"), tokenizer=str(work / "tok"))
     recipe["train"].update(steps=args.steps, eval_batches=200, resume="never")
-    result = pretrain(recipe, progress=True)
+    result = run_pretrain(recipe, progress=True).train
     bpb = result.final_eval["eval_bpb"]
     print(f"validation: {result.final_eval['eval_loss']:.3f} nats/token, {bpb:.3f} bits/byte (nanoGPT: 2.71)")
     print(f"val_bpb={bpb:.3f} wall_s={time.monotonic() - start:.0f}")

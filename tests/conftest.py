@@ -1,11 +1,16 @@
-"""Fixtures shared across the suite: a tiny trained tokenizer and tiny saved models."""
+"""Fixtures shared across the suite: a tiny trained tokenizer, tiny saved models, data files, recipes, the CLI."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+from _helpers import CHOSEN, REJECTED, run_cli, write_jsonl
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Héllo wörld, naïve café! 你好，世界。 "
@@ -45,3 +50,71 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- data files
+
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
+
+
+def capital_rows(n: int) -> list[dict]:
+    """Conversations and instruction rows about capitals: a task a tiny model learns in seconds."""
+    rows = []
+    for i in range(n):
+        country, city = CAPITALS[i % len(CAPITALS)]
+        if i % 2:
+            rows.append({"instruction": "Name the capital.", "input": country, "output": f"{city}."})
+        else:
+            rows.append({"messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": f"Capital of {country}?"},
+                                      {"role": "assistant", "content": f"{city}."}]})
+    return rows
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Callable[[str, list], Path]:
+    """Write rows (dicts, or raw strings written as they are) as a JSONL file in tmp_path."""
+
+    def write(name: str, rows: list) -> Path:
+        path = tmp_path / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def capitals_jsonl(jsonl) -> Path:
+    return jsonl("capitals.jsonl", capital_rows(48))
+
+
+@pytest.fixture(scope="session")
+def prefs_file(tmp_path_factory) -> Path:
+    """24 pairs that all prefer the fox to the dog."""
+    rows = [{"prompt": f"Q{i}: which animal?", "chosen": CHOSEN, "rejected": REJECTED} for i in range(24)]
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)
+
+
+# ---------------------------------------------------------------- recipes and the command
+
+
+@pytest.fixture(scope="session")
+def recipe() -> Callable[..., dict]:
+    """A fine-tuning recipe for a short run: recipe(base, train_file, out_dir, data={...}, train={...}, ...)."""
+
+    def build(base: Path, train_file: Path, out_dir: Path, **sections: dict) -> dict:
+        train = {"steps": 30, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3, "eval_every": 0,
+                 "save_every": 0, "log_every": 1, "resume": "never", **sections.pop("train", {})}
+        return {"finetune": {"base": str(base), **sections.pop("finetune", {})},
+                "data": {"train": str(train_file), **sections.pop("data", {})}, "train": train,
+                "out_dir": str(out_dir), **sections}
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    """`lmforge ARGS...` in a fresh process, as a user runs it."""
+    return run_cli

@@ -2,7 +2,7 @@
 
 1. Pretrain a tiny byte-level model on answers "Q: Can you pass the salt?\nA: Here is the salt, ..."
    that end politely ("thank you.") or rudely ("go away.") equally often.
-2. DPO (`train_dpo`, what `lmforge dpo` runs) with LoRA (attention and MLP layers) on pairs that
+2. DPO (`run_dpo`, what `lmforge dpo` runs) with LoRA (attention and MLP layers) on pairs that
    prefer the polite ending, for 24 of the 30 objects; the reference is the same model with its
    adapters disabled.
 3. On held-out pairs (the 6 other objects), print before and after: how often the model gives
@@ -25,7 +25,8 @@ from tiny_base import pretrain_tiny
 
 import lmforge
 from lmforge.data.preference import PreferencePair, encode_pairs
-from lmforge.train.align import pad_id_of, pair_logps, train_dpo
+from lmforge.evaluate.logprobs import pair_logps
+from lmforge.train.align import run_dpo
 
 ITEMS = ["salt", "pepper", "book", "pen", "cup", "plate", "spoon", "fork", "knife", "bread", "butter", "map",
          "phone", "key", "lamp", "chair", "towel", "soap", "brush", "comb", "ball", "card", "coin", "bag",
@@ -49,7 +50,7 @@ def pairs_for(items: list[str]) -> list[PreferencePair]:
 def preference(model_dir: Path, pairs: list[PreferencePair]) -> tuple[float, float]:
     """(share of pairs where the polite reply is more likely, mean log-prob margin polite - rude)."""
     lm = lmforge.load(model_dir)
-    logps = pair_logps(lm.model, encode_pairs(lm.tokenizer, pairs, lm.config.max_seq_len), 16, pad_id_of(lm.tokenizer))
+    logps = pair_logps(lm.model, encode_pairs(lm.tokenizer, pairs, lm.config.max_seq_len), 16, lm.tokenizer.padding_id)
     margin = logps[:, 0] - logps[:, 1]
     return (margin > 0).float().mean().item(), margin.mean().item()
 
@@ -84,11 +85,11 @@ def main() -> None:
     data.write_text("".join(json.dumps(p.__dict__) + "\n" for p in pairs_for(train_items)))
     val = args.out / "held_out.jsonl"
     val.write_text("".join(json.dumps(p.__dict__) + "\n" for p in val_pairs))
-    recipe = {"dpo": {"base": str(base), "beta": 0.1}, "data": {"train_file": str(data), "val_file": str(val)},
+    recipe = {"finetune": {"base": str(base)}, "dpo": {"beta": 0.1}, "data": {"train": str(data), "eval": str(val)},
               "lora": {"rank": 8, "targets": ["*.attn.q", "*.attn.k", "*.attn.v", "*.attn.o", "*.mlp.*"]}, "out_dir": str(args.out / "dpo"),
               "train": {"steps": args.steps, "batch_size": 8, "lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10,
                         "eval_every": 40, "save_every": 0, "log_every": 5, "resume": "never", "seed": 0}}
-    result = train_dpo(recipe, progress=True, report=print)
+    result = run_dpo(recipe, progress=True, report=print)
     after = (*preference(args.out / "dpo", val_pairs), *ending_shares(args.out / "dpo", held_out))
 
     print("[3/3] held-out objects (54 pairs, 48 sampled answers)")
@@ -96,7 +97,7 @@ def main() -> None:
     print(f"      mean log-prob margin (polite - rude):            {before[1]:+.3f} -> {after[1]:+.3f}")
     print(f"      sampled answers ending politely / rudely:        {before[2]:.3f} / {before[3]:.3f} -> "
           f"{after[2]:.3f} / {after[3]:.3f} (the rest is malformed)")
-    final = result.final_eval or {}
+    final = result.train.final_eval or {}
     print(f"      DPO implicit reward on held-out pairs: accuracy {final.get('eval_accuracy', float('nan')):.3f}, "
           f"margin {final.get('eval_margin', float('nan')):+.3f}; done in {time.monotonic() - start:.0f} s")
 

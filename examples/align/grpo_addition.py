@@ -3,7 +3,7 @@
 1. Pretrain a tiny byte-level model on lines "a+b=c" whose answer is right only 30% of the time
    and one too many 50% of the time (random otherwise): sampling is right about a third of the
    time, and greedy decoding mostly answers a+b+1.
-2. GRPO (`train_grpo`, what `lmforge grpo` runs) on 80 of the 100 prompts "a+b=", with the
+2. GRPO (`run_grpo`, what `lmforge grpo` runs) on 80 of the 100 prompts "a+b=", with the
    verifiable reward `addition_reward.py:correct` (1 for the right sum), 8 completions per prompt.
 3. Print the mean reward before and after: sampled on the training prompts, greedy on the 20
    held-out prompts; the run folder holds reward.png (the reward curve) and metrics.jsonl.
@@ -24,7 +24,7 @@ from addition_reward import correct
 from tiny_base import pretrain_tiny
 
 import lmforge
-from lmforge.train.grpo import train_grpo
+from lmforge.train.grpo import run_grpo
 
 PROMPTS = [f"{a}+{b}=" for a in range(10) for b in range(10)]
 
@@ -70,15 +70,16 @@ def main() -> None:
 
     print("[2/3] GRPO with the reward addition_reward.py:correct")
     recipe = {
-        "grpo": {"base": str(base), "reward_functions": [f"{Path(__file__).with_name('addition_reward.py')}:correct"],
+        "finetune": {"base": str(base)},
+        "grpo": {"reward_functions": [f"{Path(__file__).with_name('addition_reward.py')}:correct"],
                  "group_size": 8, "prompts_per_rollout": 8, "max_new_tokens": 4, "kl_beta": 0.04},
-        "data": {"train_file": str(write_prompts(args.out / "prompts.jsonl", train_prompts)),
-                 "val_file": str(write_prompts(args.out / "held_out.jsonl", sorted(held_out)))},
+        "data": {"train": str(write_prompts(args.out / "prompts.jsonl", train_prompts)),
+                 "eval": str(write_prompts(args.out / "held_out.jsonl", sorted(held_out)))},
         "train": {"steps": args.steps, "batch_size": 16, "grad_accum": 4, "lr": 2e-4, "min_lr": 2e-5, "warmup_steps": 5,
                   "eval_every": 20, "save_every": 0, "log_every": 1, "resume": "never", "seed": 0},
         "out_dir": str(args.out / "grpo"),
     }
-    train_grpo(recipe, progress=True, report=print)
+    run_grpo(recipe, progress=True, report=print)
     after = mean_reward(args.out / "grpo", train_prompts, 4, 1.0), mean_reward(args.out / "grpo", sorted(held_out), 1, 0.0)
 
     print("[3/3] mean reward (1 = right sum)")

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from lmforge.data import prepare
 from lmforge.tokenizer import train_tokenizer
-from lmforge.train.pretrain import pretrain
+from lmforge.train.pretrain import run_pretrain
 
 MODEL = dict(preset="tiny-llama", dim=96, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=96)
 
@@ -29,6 +27,5 @@ def pretrain_tiny(lines: list[str], folder: Path, steps: int) -> Path:
               "train": dict(steps=steps, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=30, eval_every=0,
                             eval_batches=4, save_every=0, log_every=20, resume="never", seed=0),
               "out_dir": str(folder / "base")}
-    torch.manual_seed(0)  # the model's initial weights: the loop seeds only after the model is built
-    pretrain(recipe, progress=True)
+    run_pretrain(recipe, progress=True)  # the initial weights are drawn from train.seed
     return folder / "base"

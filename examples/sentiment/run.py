@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 import yaml
 
+import lmforge
 from lmforge.checkpoint import load_model
 from lmforge.data.classification import collate_classification, encode_labelled, read_labelled
-from lmforge.data.sft import iter_row_batches
+from lmforge.data.rows import iter_row_batches
+from lmforge.evaluate.classification import evaluate_classifier, predict
 from lmforge.models.heads import SequenceClassifier
 from lmforge.quickstart import quickstart
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.finetune import evaluate_classifier, load_classifier, predict, run_classify
+from lmforge.train.finetune import run_classify
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "classify-sst2.yaml"
 EXAMPLES = ["a gorgeous , witty and moving film", "the plot is dull and the jokes fall flat",
@@ -52,7 +54,7 @@ def accuracy_before(base: Path, dev_tsv: Path, seed: int) -> float:
     torch.manual_seed(seed)
     model = SequenceClassifier(backbone, 2, labels=["0", "1"])
     examples, _ = encode_labelled(read_labelled(dev_tsv, "1", "0"), tokenizer, ["0", "1"], 64)
-    batches = iter_row_batches(examples, lambda b: collate_classification(b, tokenizer.pad_id), 64)
+    batches = iter_row_batches(examples, lambda b: collate_classification(b, tokenizer.padding_id), 64)
     return evaluate_classifier(model, batches, ["0", "1"]).accuracy
 
 
@@ -81,7 +83,8 @@ def main() -> None:
     report = result.eval_report
     print(f"dev accuracy: before {before:.3f}, after {report.accuracy:.3f} (macro-F1 {report.macro_f1:.3f}, "
           f"{report.n} sentences; {time.monotonic() - start:.0f} s in all)\n{report.table()}")
-    model, tokenizer = load_classifier(out / "classifier")
+    classifier = lmforge.load(out / "classifier")
+    model, tokenizer = classifier.model, classifier.tokenizer
     for text, p in zip(EXAMPLES, predict(model, tokenizer, EXAMPLES)):
         print(f"  {p.label} ({p.probability:.2f})  {text}")
 

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.checkpoint import load_model, save_hf, save_native
+from lmforge.checkpoint.heads import HEAD_CONFIG, load_head_model
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token
 from lmforge.generate.sampling import SamplingParams
-from lmforge.models.heads import HEAD_CONFIG, load_head_model
+from lmforge.models.heads import sentence_embeddings
 from lmforge.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Message = dict[str, Any]
@@ -140,12 +140,9 @@ class LM:
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Mean-pooled, L2-normalised final hidden states (N, dim)."""
         tok = self._tok()
-        encoded = [tok.encode(t, add_special_tokens=True)[: self.config.max_seq_len] or [tok.pad_id or 0] for t in texts]
-        ids, mask = pad_batch(encoded, tok.pad_id or 0)
-        hidden = self.model.eval().hidden_states(ids, attention_mask=mask)[-1]  # (N, T, dim)
-        m = mask[..., None].to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, dim)
-        return F.normalize(pooled, dim=-1)
+        encoded = [tok.encode(t, add_special_tokens=True)[: self.config.max_seq_len] or [tok.padding_id] for t in texts]
+        ids, mask = pad_batch(encoded, tok.padding_id)
+        return sentence_embeddings(self.model.eval(), ids, mask)
 
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -156,7 +153,7 @@ class LM:
 
     def score(self, prompt: str | list[Message], response: str) -> float:
         """A reward model's score of `response` to `prompt` (a folder written by `lmforge reward`)."""
-        from lmforge.train.align import score_texts
+        from lmforge.evaluate.scoring import score_texts
 
         return score_texts(self.model, self._tok(), [prompt], [response])[0]
 
@@ -196,11 +193,18 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
 
 
 def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LM:
-    """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json)."""
+    """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json).
+
+    Also a classifier or reward model, a quantized folder, and a LoRA run folder that holds only
+    its adapter (the base recorded in adapter_config.json is loaded and the adapter merged).
+    """
     from lmforge.quantize import is_quantized_folder, load_quantized
+    from lmforge.train.setup import adapter_base, is_adapter_only, merged_model
 
     folder = Path(path)
-    if (folder / HEAD_CONFIG).is_file():
+    if folder.is_dir() and is_adapter_only(folder):
+        model = merged_model(adapter_base(folder), folder)  # a LoRA run saved without merged weights
+    elif (folder / HEAD_CONFIG).is_file():
         model = load_head_model(folder)  # a classifier or reward model
     elif folder.is_dir() and is_quantized_folder(folder):
         model = load_quantized(folder)

@@ -9,6 +9,10 @@ architecture before loading its weights.
 Names follow one convention everywhere in lmforge (`dim`, `n_layers`, `n_heads`,
 `n_kv_heads`, `head_dim`, `hidden_dim`); Hugging Face names are translated only in
 `checkpoint/hf.py`.
+
+`build` turns one section of a recipe (a YAML mapping) into its dataclass; every config
+dataclass in lmforge (model, data, train, lora, ...) is built through it, so an unknown key
+fails the same way everywhere.
 """
 
 from __future__ import annotations
@@ -105,16 +109,6 @@ class ModelConfig:
         """Decoders attend only to earlier positions; encoders see the whole sequence."""
         return self.kind == "decoder"
 
-    def n_params(self) -> int:
-        """Number of parameters, counted from the shapes (tied embeddings counted once)."""
-        import torch
-
-        from lmforge.models import build_model
-
-        with torch.device("meta"):
-            model = build_model(self)
-        return sum(p.numel() for p in model.parameters())
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -168,3 +162,29 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise LmforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------- recipe sections
+
+
+def build(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    """The dataclass `cls` from a recipe section's values, naming unknown keys and bad values in one line."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LmforgeError(f"unknown keys in section '{section}': {unknown}; valid: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise LmforgeError(f"section '{section}': {e}") from None
+
+
+def model_config(values: dict[str, Any] | None, **defaults: Any) -> ModelConfig:
+    """A recipe's `model:` section: an optional `preset` to start from, then `defaults`, then the given keys."""
+    values = dict(values or {})
+    name = values.pop("preset", None)
+    if name is not None and name not in PRESETS:
+        raise LmforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    base = dict(PRESETS[name]) if name is not None else {}
+    return build(ModelConfig, {**base, **defaults, **values}, "model")

@@ -8,10 +8,12 @@ run folder is a normal checkpoint: `lmforge.load(out_dir)` opens it.
 
 from __future__ import annotations
 
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LmforgeError
 
@@ -38,6 +40,18 @@ def stdlib_files(limit_bytes: int = CORPUS_BYTES) -> list[Path]:
     return sorted(chosen)
 
 
+def prepare_with_bar(inputs: list[str], tokenizer: Any, out: str | Path, **kwargs: Any) -> Any:
+    """`data.prepare` with a progress bar over the input bytes (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    from lmforge.data import list_input_files, prepare
+
+    total = sum(p.stat().st_size for p in list_input_files(inputs))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        return prepare(inputs, tokenizer, out, progress=bar.update, **kwargs)
+
+
 def quickstart(
     data: str | Path | None = None,
     out_dir: str | Path = "runs/quickstart",
@@ -46,9 +60,8 @@ def quickstart(
 ) -> Path:
     """Tokenizer → shards → pretraining → samples. Returns the run folder."""
     import lmforge
-    from lmforge.recipes import prepare_with_bar
     from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.pretrain import pretrain
+    from lmforge.train.pretrain import run_pretrain
 
     start = time.monotonic()
     out = Path(out_dir)
@@ -64,8 +77,8 @@ def quickstart(
     report("[3/4] pretraining a small LLaMA-style model (RoPE, RMSNorm, SwiGLU, grouped-query attention)")
     recipe = {"model": MODEL, "data": {"shards": str(out / "data"), "tokenizer": str(out / "tokenizer")},
               "train": {**TRAIN, **({"steps": steps} if steps else {})}, "out_dir": str(out)}
-    result = pretrain(recipe, progress=True)
-    final = result.final_eval or {}
+    result = run_pretrain(recipe, progress=True)
+    final = result.train.final_eval or {}
     report(f"      validation loss {final.get('eval_loss', float('nan')):.3f}, "
            f"bits per byte {final.get('eval_bpb', float('nan')):.3f}; loss curve in {out / 'loss.png'}")
     report("[4/4] samples (temperature 0.8):")

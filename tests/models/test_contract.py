@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from lmforge.checkpoint import load_model, save_native
 from lmforge.config import PRESETS, preset
+from lmforge.models import build_model
 from lmforge.models import KVCache, build_model
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
@@ -90,7 +91,13 @@ def test_moe_aux_loss_is_recorded():
     assert len(aux) == 2 and all(a.item() >= 1.0 - 1e-4 for a in aux)  # balanced routing gives exactly 1
 
 
+def n_params(name: str) -> int:
+    """Parameters of a preset, counted on the meta device (no memory), tied embeddings once."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(preset(name)).parameters())
+
+
 def test_real_preset_sizes():
-    assert abs(preset("gpt2").n_params() - 124_439_808) == 0
-    assert 1.23e9 < preset("llama-3.2-1b").n_params() < 1.24e9
-    assert 46.6e9 < preset("mixtral-8x7b").n_params() < 46.8e9
+    assert n_params("gpt2") == 124_439_808
+    assert 1.23e9 < n_params("llama-3.2-1b") < 1.24e9
+    assert 46.6e9 < n_params("mixtral-8x7b") < 46.8e9

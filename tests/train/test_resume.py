@@ -84,7 +84,13 @@ def test_resume_with_a_different_model_names_the_tensor(tmp_path: Path) -> None:
               save_model=save_toy_model)
     model = ToyLM()
     del model.norm  # a checkpoint tensor the model lacks
-    with pytest.raises(LmforgeError, match=r"norm\.bias is in the checkpoint but not in this model"):
+    with pytest.raises(LmforgeError, match=r"x was trained with a different model shape: unexpected norm\.bias, norm\.weight"):
+        ckpt.load_model_weights(model, tmp_path / "x")
+    model = ToyLM()
+    model.emb.weight.requires_grad_(False)  # a frozen tensor may be absent (a rebuilt LoRA base) ...
+    ckpt.load_model_weights(model, tmp_path / "x")
+    del model.norm.bias
+    with pytest.raises(LmforgeError, match=r"unexpected norm\.bias"):  # ... an unknown one may not
         ckpt.load_model_weights(model, tmp_path / "x")
 
 

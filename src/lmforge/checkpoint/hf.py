@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.checkpoint.io import (
+    load_checked,
+    mismatch,
     read_json,
     read_tensors,
     tensor_names,
@@ -407,10 +409,7 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
     tensors = load_hf_weights(folder)
     prefix = family.prefix if any(k.startswith(family.prefix) for k in tensors) else ""
     model = build_model(config)
-    state = _convert_to_ours(model, family, prefix, tensors, folder)
-    with torch.no_grad():
-        for name, t in unique_state(model).items():
-            t.copy_(state[name])
+    load_checked(unique_state(model), _convert_to_ours(model, family, prefix, tensors, folder), folder)
     return model, config
 
 
@@ -429,15 +428,9 @@ def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dic
             state[name] = t
     ignorable = [re.compile(p) for p in IGNORED] + [re.compile(r"^lm_head\.weight$")] * bool(model.config.tie_embeddings)
     unexpected = sorted(k for k in tensors if k not in used and not any(p.match(k) for p in ignorable))
-    problems = [
-        f"{what} {', '.join(sorted(set(names))[:5])}{' ...' if len(set(names)) > 5 else ''}"
-        for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-        if names
-    ]
-    if problems:
-        raise LmforgeError(
-            f"weights in {source} do not match its config.json: {'; '.join(problems)}; is the checkpoint complete and unmodified?"
-        )
+    error = mismatch(source, missing, unexpected, misshaped, "is the checkpoint complete and unmodified?")
+    if error is not None:
+        raise error
     return state
 
 

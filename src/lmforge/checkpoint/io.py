@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,31 +106,40 @@ def unique_state(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str | Path) -> None:
-    """Copy `tensors` into `model`, failing with the names of missing, unexpected and mis-shaped ones."""
-    expected = unique_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = [
-        f"{k} {tuple(tensors[k].shape)} (model expects {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_names(unexpected)}")
-    if misshaped:
-        problems.append(f"wrong shape {_names(misshaped)}")
-    if problems:
-        raise LmforgeError(
-            f"weights in {source} do not match the model config: {'; '.join(problems)}; "
-            "check that config.json belongs to these weights"
-        )
+def mismatch(source: str | Path, missing: Iterable[str], unexpected: Iterable[str], misshaped: Iterable[str],
+             hint: str, problem: str = "does not fit this model") -> LmforgeError | None:
+    """The one error for tensors that do not fit a model, naming the first few of each kind; None when all fit."""
+    problems = [f"{what} {_names(sorted(set(names)))}" for what, names in
+                (("missing", list(missing)), ("unexpected", list(unexpected)), ("wrong shape", list(misshaped))) if names]
+    return LmforgeError(f"{source} {problem}: {'; '.join(problems)}; {hint}") if problems else None
+
+
+def load_checked(params: Mapping[str, Tensor], tensors: Mapping[str, Tensor], source: str | Path, *,
+                 hint: str = "check that config.json belongs to these weights",
+                 optional: Iterable[str] = (), problem: str = "does not fit this model") -> None:
+    """Copy `tensors` into the model tensors `params` (name -> tensor), after checking every name and shape.
+
+    Every checked load of weights goes through here (model files, heads, adapters, resumed
+    checkpoints): a missing, unexpected or mis-shaped tensor is named in one line, and nothing is
+    copied unless everything fits. Names in `optional` may be absent (e.g. a frozen base that the
+    caller rebuilt).
+    """
+    skip = set(optional)
+    error = mismatch(
+        source,
+        missing=[k for k in params if k not in tensors and k not in skip],
+        unexpected=[k for k in tensors if k not in params],
+        misshaped=[f"{k} {tuple(tensors[k].shape)} (model: {tuple(v.shape)})"
+                   for k, v in params.items() if k in tensors and tensors[k].shape != v.shape],
+        hint=hint,
+        problem=problem,
+    )
+    if error is not None:
+        raise error
     with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k])
+        for k, v in params.items():
+            if k in tensors:
+                v.copy_(tensors[k])
 
 
 def _names(items: list[str], limit: int = 5) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from lmforge.checkpoint.io import (
-    assign_state,
+    load_checked,
     read_json,
     read_tensors,
     unique_state,
@@ -53,5 +53,5 @@ def load_native(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
     if not weights.is_file():
         raise LmforgeError(f"{folder} has no {WEIGHTS_FILE}; was training interrupted before the first save?")
     model = build_model(config)
-    assign_state(model, read_tensors(weights), weights)
+    load_checked(unique_state(model), read_tensors(weights), weights)
     return model, config

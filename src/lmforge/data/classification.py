@@ -11,7 +11,7 @@ Design choices:
   so predictions come back as names.
 - Texts are encoded with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT, BOS for
   lmforge tokenizers) and cut to seq_len tokens; cut texts are counted and logged.
-- Batches reuse `RowLoader` and `iter_row_batches` from `data/sft.py`: one resumable loader for
+- Batches reuse `RowLoader` and `iter_row_batches` from `data/rows.py`: one resumable loader for
   every kind of row.
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lmforge.data.jsonl import iter_jsonl_rows
-from lmforge.data.sft import check_fraction, holdout, pad_rows
+from lmforge.data.rows import SplitConfig, holdout, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
@@ -38,24 +38,22 @@ FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 
 
 @dataclass
-class ClassifyDataConfig:
-    """Where labelled texts come from; the `data:` section of a classify recipe."""
+class ClassifyDataConfig(SplitConfig):
+    """Where labelled texts come from; the `data:` section of a classify recipe.
 
-    train: str = ""  # CSV, TSV or JSONL file of labelled texts (the suffix says which)
-    eval: str = ""  # file for evaluation (same columns); "" = hold out eval_fraction of the train rows
+    `train` and `eval` are CSV, TSV or JSONL files (the suffix says which); texts are cut to
+    `seq_len` tokens (counted and reported).
+    """
+
     eval_fraction: float = 0.1  # share of train rows held out when eval is ""; 0 = no evaluation
     text_column: str = "text"  # column holding the text: a CSV/TSV header name or 0-based index, or a JSONL field
     label_column: str = "label"  # column holding the label (strings or integers), named like text_column
     labels: list[str] = field(default_factory=list)  # label names in index order; [] = the sorted distinct labels of train
-    seq_len: int = 0  # texts are cut to this many tokens (counted and reported); 0 = the model's max_seq_len
 
     def validate(self) -> None:
         """Raise LmforgeError (one line) for the first value out of range."""
-        if not self.train:
-            raise LmforgeError("data.train is not set; pass a CSV, TSV or JSONL file of labelled texts")
-        check_fraction(self.eval_fraction)
-        if self.seq_len < 0:
-            raise LmforgeError(f"data.seq_len must be >= 0 (0 = the model's max_seq_len); got {self.seq_len}")
+        self.require_train("a CSV, TSV or JSONL file of labelled texts")
+        super().validate()
         if len(set(self.labels)) != len(self.labels):
             raise LmforgeError(f"data.labels has repeated names: {self.labels}")
 

@@ -21,32 +21,30 @@ Design choices:
   template, the reply being the last span of `encode_chat`'s assistant mask (content plus the
   end-of-turn token). Either way a reply ends with the token where generation stops
   (`stop_token`), which is also the last token a reward model reads.
-- Too long for `max_len`: the oldest prompt tokens go first (the prompt keeps at least half the
+- Too long for `seq_len`: the oldest prompt tokens go first (the prompt keeps at least half the
   window), then the replies' ends. Truncated pairs are counted.
 - Batches (`pack_rows`): rows are prompt + reply, right-padded to (B, T), with `attention_mask`
   and `labels` that hold the next token on reply positions and IGNORE_INDEX elsewhere, so a
   sequence log-probability sums over reply tokens only. A pair batch stacks the B chosen rows
   above the B rejected ones (2B rows); GRPO rollouts use the same layout.
-- Order (`shuffled_indices`): position p of the endless stream of items is item
-  `permutation_e[p mod N]`, with one permutation per epoch e = p // N drawn from
-  `default_rng([seed, e])`. A loader's state is its batch count, so resuming costs O(1), and
-  rank r takes rows [r*B, (r+1)*B) of each global batch, as `TokenLoader` does.
+- Splits, shuffled order and resumable batches are `data/rows.py`'s (`RowLoader` with
+  `pair_batch` as its collate function), shared with every other kind of row.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from lmforge.data.jsonl import iter_jsonl_rows
 from lmforge.data.masking import IGNORE_INDEX
+from lmforge.data.rows import SplitConfig
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,23 @@ SKIP_REASONS = {  # PreferenceStats field -> how the report names it
     "no_assistant": "no assistant turn",
     "different_prompts": "different prompts",
 }
-T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class PreferenceDataConfig(SplitConfig):
+    """Where alignment rows come from; the `data:` section of reward, dpo and grpo recipes.
+
+    `train` and `eval` are JSONL files of preference pairs (reward, dpo) or of
+    `{"prompt": ...}` rows (grpo); `seq_len` caps prompt + reply of a pair.
+    """
+
+    def validate(self) -> None:
+        """Raise LmforgeError (one line) for the first value out of range."""
+        self.require_train("a JSONL file of preference pairs or prompts")
+        super().validate()
 
 
 # ---------------------------------------------------------------- rows
@@ -84,7 +98,7 @@ class PreferenceStats:
     identical: int = 0  # skipped: chosen and rejected replies are the same text
     no_assistant: int = 0  # skipped: a dialogue without an assistant turn after a prompt
     different_prompts: int = 0  # skipped: dialogues that differ before their last assistant turn
-    truncated: int = 0  # kept but cut to max_len (set by `encode_pairs`)
+    truncated: int = 0  # kept but cut to seq_len (set by `encode_pairs`)
 
     def summary(self) -> str:
         """One line, e.g. `prefs.jsonl: 100 rows, 97 pairs kept; skipped 2 identical replies, 1 ...`."""
@@ -208,18 +222,6 @@ def read_prompt_rows(path: str | Path) -> list[PromptRow]:
     return rows
 
 
-def hold_out(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held-out): a seeded random `fraction` of the items (at least one when fraction > 0)."""
-    if not 0 <= fraction < 1:
-        raise LmforgeError(f"data.val_fraction must be in [0, 1); got {fraction}")
-    n_val = max(round(fraction * len(items)), 1) if fraction > 0 else 0
-    if n_val >= len(items):
-        raise LmforgeError(f"only {len(items)} rows: too few to hold out {fraction:.0%}; add rows or give data.val_file")
-    order = np.random.default_rng(seed).permutation(len(items))
-    val = set(order[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in val], [items[i] for i in sorted(val)]
-
-
 # ---------------------------------------------------------------- tokens
 
 
@@ -250,33 +252,34 @@ def encode_reply(tokenizer: Any, prompt: Prompt, reply: str) -> tuple[list[int],
     return ids[:start], ids[start:end]
 
 
-def fit_lengths(prompt: list[int], replies: Sequence[list[int]], max_len: int) -> tuple[list[int], list[list[int]], bool]:
-    """Prompt and replies cut so prompt + each reply fits `max_len`; True when anything was cut."""
+def fit_lengths(prompt: list[int], replies: Sequence[list[int]], seq_len: int) -> tuple[list[int], list[list[int]], bool]:
+    """Prompt and replies cut so prompt + each reply fits `seq_len`; True when anything was cut."""
     longest = max(len(r) for r in replies)
-    if len(prompt) + longest <= max_len:
+    if len(prompt) + longest <= seq_len:
         return prompt, list(replies), False
-    keep = max(max_len - longest, min(len(prompt), max_len // 2), 1)
+    keep = max(seq_len - longest, min(len(prompt), seq_len // 2), 1)
     prompt = prompt[-keep:]
-    return prompt, [r[: max_len - len(prompt)] for r in replies], True
+    return prompt, [r[: seq_len - len(prompt)] for r in replies], True
 
 
 @dataclass(frozen=True)
 class EncodedPair:
-    """Token ids of a pair: the prompt and the two replies."""
+    """Token ids of a pair: the prompt and the two replies (and, for DPO, the reference log-probs of both)."""
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    ref_logps: tuple[float, float] | None = None  # log p_ref(chosen | prompt), log p_ref(rejected | prompt)
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int,
+def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], seq_len: int,
                  stats: PreferenceStats | None = None) -> list[EncodedPair]:
-    """Token ids of every pair, cut to `max_len`; truncations are counted in `stats`."""
+    """Token ids of every pair, cut to `seq_len`; truncations are counted in `stats`."""
     out = []
     for pair in pairs:
         prompt, chosen = encode_reply(tokenizer, pair.prompt, pair.chosen)
         _, rejected = encode_reply(tokenizer, pair.prompt, pair.rejected)
-        prompt, (chosen, rejected), cut = fit_lengths(prompt, [chosen, rejected], max_len)
+        prompt, (chosen, rejected), cut = fit_lengths(prompt, [chosen, rejected], seq_len)
         if cut and stats is not None:
             stats.truncated += 1
         out.append(EncodedPair(prompt, chosen, rejected))
@@ -301,61 +304,10 @@ def pack_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pair_batch(pairs: Sequence[EncodedPair], pad_id: int, ref_logps: Tensor | None = None) -> dict[str, Tensor]:
-    """The B chosen rows above the B rejected rows (2B, T); `ref_logps` (B, 2) becomes (2B,) in the same order."""
+def pair_batch(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, Tensor]:
+    """The B chosen rows above the B rejected rows (2B, T); precomputed reference log-probs become `ref_logps` (2B,)."""
     batch = pack_rows([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    if ref_logps is not None:
-        batch["ref_logps"] = torch.cat([ref_logps[:, 0], ref_logps[:, 1]])  # (2B,)
+    if all(p.ref_logps is not None for p in pairs):
+        ref = torch.tensor([p.ref_logps for p in pairs], dtype=torch.float32)  # (B, 2)
+        batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])  # (2B,)
     return batch
-
-
-def shuffled_indices(n_items: int, start: int, count: int, seed: int) -> list[int]:
-    """Items at positions start .. start+count-1 of the endless seeded stream of epoch permutations."""
-    out, perm, epoch = [], None, -1
-    for position in range(start, start + count):
-        e, offset = divmod(position, n_items)
-        if e != epoch:
-            perm, epoch = np.random.default_rng([seed, e]).permutation(n_items), e
-        out.append(int(perm[offset]))
-    return out
-
-
-class PairLoader:
-    """Endless, seeded, resumable batches of preference pairs (see the module docstring)."""
-
-    def __init__(self, pairs: Sequence[EncodedPair], batch_size: int, pad_id: int, *, seed: int,
-                 rank: int = 0, world_size: int = 1, ref_logps: Tensor | None = None) -> None:
-        if not pairs:
-            raise LmforgeError("no preference pairs to train on")
-        self.pairs, self.batch_size, self.pad_id, self.ref_logps = list(pairs), batch_size, pad_id, ref_logps
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.batches_drawn = 0
-
-    def next_batch(self) -> dict[str, Tensor]:
-        """This rank's pairs of the next global batch, as a `pair_batch`."""
-        global_size = self.batch_size * self.world_size
-        chosen = shuffled_indices(len(self.pairs), self.batches_drawn * global_size, global_size, self.seed)
-        mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        self.batches_drawn += 1
-        ref = None if self.ref_logps is None else self.ref_logps[mine]
-        return pair_batch([self.pairs[i] for i in mine], self.pad_id, ref)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "n_pairs": len(self.pairs),
-                "global_batch_size": self.batch_size * self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (state.get("n_pairs"), state.get("global_batch_size"))
-        current = (len(self.pairs), self.batch_size * self.world_size)
-        if saved != current:
-            raise LmforgeError(f"loader state was saved with (pairs, global batch) = {saved} but this run has {current}; "
-                               "resume with the same data and batch settings")
-        self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
-
-
-def iter_pair_batches(pairs: Sequence[EncodedPair], batch_size: int, pad_id: int,
-                      ref_logps: Tensor | None = None) -> Iterator[dict[str, Tensor]]:
-    """Consecutive batches over all pairs in order (evaluation, precomputing reference log-probs)."""
-    for first in range(0, len(pairs), batch_size):
-        span = slice(first, first + batch_size)
-        yield pair_batch(pairs[span], pad_id, None if ref_logps is None else ref_logps[span])

@@ -20,56 +20,49 @@ Design choices:
   shuffled order, closing a sequence when the next row does not fit (next-fit). Packed batches
   carry `positions` that restart at 0 for every row and `document_ids`; the decoder then attends
   only within a row, so a packed row gets exactly the loss it gets alone.
-- `RowLoader` serves any list of items (SFT sequences, classification examples) resumably: epoch e
-  visits them in the order `default_rng([seed, e]).permutation(n)`, global batch k is items
-  k*B .. (k+1)*B - 1 of that endless stream, and rank r takes rows r*b .. (r+1)*b - 1 of it. Its
-  whole state is one counter, as with `TokenLoader`.
+- Splits, shuffling and resumable batches are `data/rows.py`'s, shared with every other kind of row.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lmforge.data.jsonl import iter_jsonl_rows
 from lmforge.data.masking import IGNORE_INDEX
+from lmforge.data.rows import SplitConfig, holdout, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 TOO_LONG = ("drop", "truncate")
-Item = TypeVar("Item")
 Message = dict[str, Any]
 
 
 @dataclass
-class SftDataConfig:
-    """Where SFT rows come from and how they become sequences; the `data:` section of an sft recipe."""
+class SftDataConfig(SplitConfig):
+    """Where SFT rows come from and how they become sequences; the `data:` section of an sft recipe.
 
-    train: str = ""  # JSONL of conversations ("messages") or instruction rows ("instruction", "input", "output")
-    eval: str = ""  # JSONL for evaluation; "" = hold out eval_fraction of the train rows
-    eval_fraction: float = 0.05  # share of train rows held out when eval is ""; 0 = no evaluation
-    seq_len: int = 0  # context of one training sequence in tokens; 0 = the model's max_seq_len
+    `train` and `eval` are JSONL files of conversations ("messages") or instruction rows
+    ("instruction", "input", "output"); `seq_len` is the context of one training sequence.
+    """
+
     too_long: str = "drop"  # a row longer than seq_len: "drop" it or "truncate" it (either is counted and reported)
     pack: bool = False  # pack several rows into each sequence; document masking keeps them apart
 
     def validate(self) -> None:
         """Raise LmforgeError (one line) for the first value out of range."""
-        if not self.train:
-            raise LmforgeError("data.train is not set; pass a JSONL file of conversations or instruction rows")
+        self.require_train("a JSONL file of conversations or instruction rows")
         if self.too_long not in TOO_LONG:
             raise LmforgeError(f"data.too_long must be one of {', '.join(TOO_LONG)}; got {self.too_long!r}")
-        check_fraction(self.eval_fraction)
-        if self.seq_len < 0:
-            raise LmforgeError(f"data.seq_len must be >= 0 (0 = the model's max_seq_len); got {self.seq_len}")
+        super().validate()
 
 
 @dataclass
@@ -113,11 +106,6 @@ class SftData:
     train: list[SftExample]
     eval: list[SftExample]
     stats: dict[str, SftStats] = field(default_factory=dict)
-
-
-def check_fraction(value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise LmforgeError(f"data.eval_fraction must be in [0, 1); got {value}")
 
 
 # ---------------------------------------------------------------- rows -> messages -> tokens
@@ -207,27 +195,17 @@ def encode_sft_file(path: str | Path, tokenizer: Tokenizer, seq_len: int, too_lo
     return examples, stats
 
 
-def holdout(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """(rest, held out): a seeded random `fraction` of the items (at least one when fraction > 0)."""
-    if fraction <= 0 or len(items) < 2:
-        return list(items), []
-    order = np.random.default_rng([seed, 7]).permutation(len(items))
-    n_held = min(max(round(fraction * len(items)), 1), len(items) - 1)
-    held = set(order[:n_held].tolist())
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
 def load_sft_data(cfg: SftDataConfig, tokenizer: Tokenizer, seq_len: int, seed: int) -> SftData:
     """Encode the train file (and the eval file, or a held-out share of train)."""
     cfg.validate()
     train, stats = encode_sft_file(cfg.train, tokenizer, seq_len, cfg.too_long)
+    if not train:
+        raise LmforgeError(f"{cfg.train} has no row that fits seq_len {seq_len}; raise data.seq_len or use too_long: truncate")
     data = SftData(train, [], {"train": stats})
     if cfg.eval:
         data.eval, data.stats["eval"] = encode_sft_file(cfg.eval, tokenizer, seq_len, cfg.too_long)
     else:
         data.train, data.eval = holdout(train, cfg.eval_fraction, seed)
-    if not data.train:
-        raise LmforgeError(f"{cfg.train} has no row that fits seq_len {seq_len}; raise data.seq_len or use too_long: truncate")
     return data
 
 
@@ -254,14 +232,6 @@ def sequences(examples: Sequence[SftExample], seq_len: int, packed: bool, seed: 
     return [[examples[i] for i in group] for group in pack([len(e) for e in examples], seq_len, seed)]
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int) -> Tensor:
-    """Right-pad lists of ints with `value` to one LongTensor (B, width)."""
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def collate_sft(batch: Sequence[Sequence[SftExample]], pad_id: int, packed: bool) -> dict[str, Tensor]:
     """Right-padded (B, T) input_ids, labels and attention_mask; packed batches add positions and document_ids."""
     ids = [[t for e in seq for t in e.input_ids] for seq in batch]
@@ -278,71 +248,7 @@ def collate_sft(batch: Sequence[Sequence[SftExample]], pad_id: int, packed: bool
     return out
 
 
-class RowLoader(Generic[Item]):
-    """Endless, seeded, resumable batches over a list of items (see the module docstring)."""
-
-    def __init__(
-        self,
-        items: Sequence[Item],
-        collate: Callable[[list[Item]], dict[str, Tensor]],
-        batch_size: int,
-        *,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if not items:
-            raise LmforgeError("there is nothing to train on: the training data holds no usable rows")
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise LmforgeError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
-        self.items, self.collate, self.batch_size = items, collate, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.batches_drawn = 0
-        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
-
-    def _item(self, k: int) -> Item:
-        epoch, i = divmod(k, len(self.items))
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
-        return self.items[int(self._order[i])]
-
-    def next_batch(self) -> dict[str, Tensor]:
-        """This rank's rows of the next global batch, collated."""
-        first = self.batches_drawn * self.batch_size * self.world_size + self.rank * self.batch_size
-        self.batches_drawn += 1
-        return self.collate([self._item(k) for k in range(first, first + self.batch_size)])
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position: enough to continue with exactly the next batch."""
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "n_items": len(self.items),
-                "global_batch_size": self.batch_size * self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; the data and global batch size must be those it was saved with."""
-        saved = (state.get("n_items"), state.get("global_batch_size"))
-        current = (len(self.items), self.batch_size * self.world_size)
-        if saved != current:
-            raise LmforgeError(
-                f"loader state was saved with (items, global batch) = {saved} but this run has {current}; "
-                "resume with the same data, packing and batch settings"
-            )
-        self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
-
-
-def iter_row_batches(
-    items: Sequence[Item], collate: Callable[[list[Item]], dict[str, Tensor]], batch_size: int
-) -> Iterator[dict[str, Tensor]]:
-    """The items in order, `batch_size` at a time (the last batch may be smaller): for evaluation."""
-    for first in range(0, len(items), batch_size):
-        yield collate(list(items[first : first + batch_size]))
-
-
 __all__ = [
-    "RowLoader",
     "SftData",
     "SftDataConfig",
     "SftExample",
@@ -351,11 +257,8 @@ __all__ = [
     "encode_conversation",
     "encode_sft_file",
     "fit_context",
-    "holdout",
-    "iter_row_batches",
     "load_sft_data",
     "pack",
-    "pad_rows",
     "row_messages",
     "sequences",
     "to_example",

@@ -13,18 +13,14 @@ Design choices:
   the same score as the row alone, whatever the padding side.
 - The classifier's `score` has a bias; the reward head's has none (a Bradley-Terry loss only
   sees score differences, so a bias would never learn).
-- Saved as a folder: the backbone as an ordinary lmforge checkpoint (`config.json` +
-  `model.safetensors`, loadable alone with `load_model`), the head's own tensors in
-  `head.safetensors` (`score.weight`, `score.bias`) and `head.json` (`format: "lmforge-head"`,
-  kind, n_labels, labels, pooling), written last so its presence marks a complete save. Merge
-  LoRA adapters (`merge_lora`) before saving.
+- `head_config()` is the head's description (kind, n_labels, labels, pooling) and `build_head`
+  rebuilds a head from it; how a head model lies on disk is `checkpoint/heads.py`'s business.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +32,6 @@ from lmforge.errors import LmforgeError
 from lmforge.models.layers import Linear
 
 POOLINGS = ("last", "mean", "cls")
-HEAD_CONFIG, HEAD_WEIGHTS, HEAD_FORMAT = "head.json", "head.safetensors", "lmforge-head"
 
 Pool = Callable[[nn.Module, Tensor, Tensor | None], Tensor]  # (backbone, hidden (B, T, dim), mask (B, T) | None) -> (B, dim)
 
@@ -187,56 +182,6 @@ def build_head(backbone: nn.Module, spec: dict[str, Any]) -> PooledHead:
     raise LmforgeError(f"unknown head kind {spec.get('kind')!r}; expected 'classifier' or 'reward'")
 
 
-# ---------------------------------------------------------------- save / load
-
-
-def _head_only(model: PooledHead) -> nn.Module:
-    """The head's own layers without the backbone (names as in the head: `score.weight`, ...)."""
-    view = nn.Module()
-    for name, child in model.named_children():
-        if name != "backbone":
-            view.add_module(name, child)
-    return view
-
-
-def save_head_model(model: PooledHead, folder: str | Path) -> None:
-    """Write the backbone (lmforge checkpoint), `head.safetensors` and `head.json` into `folder`."""
-    # checkpoint/ sits below models/ in the package order, so it is imported only when saving or loading
-    from lmforge.checkpoint.io import unique_state, write_json, write_tensors
-    from lmforge.checkpoint.native import save_native
-
-    transformed = [k for k in model.backbone.state_dict() if k.endswith((".lora_a", ".qweight"))]
-    if transformed:
-        raise LmforgeError(
-            f"the backbone holds LoRA adapters or quantized layers ({transformed[0]}); "
-            "call merge_lora(model) first (quantized heads cannot be saved)"
-        )
-    folder = Path(folder)
-    save_native(model.backbone, folder)
-    write_tensors(folder / HEAD_WEIGHTS, unique_state(_head_only(model)), metadata={"format": HEAD_FORMAT})
-    write_json(folder / HEAD_CONFIG, {"format": HEAD_FORMAT, **model.head_config()})
-
-
-def load_head_model(folder: str | Path) -> PooledHead:
-    """Rebuild the head model saved in `folder` by `save_head_model`."""
-    from lmforge.checkpoint.io import assign_state, read_json, read_tensors
-    from lmforge.checkpoint.native import load_native
-
-    folder = Path(folder)
-    if not (folder / HEAD_CONFIG).is_file():
-        raise LmforgeError(f"{folder} has no {HEAD_CONFIG}; it holds no task head (load a plain model with load_model)")
-    spec = read_json(folder / HEAD_CONFIG)
-    if spec.get("format") != HEAD_FORMAT:
-        raise LmforgeError(f"{folder / HEAD_CONFIG} is not an lmforge head record (format {spec.get('format')!r})")
-    backbone, _ = load_native(folder)
-    model = build_head(backbone, spec)
-    weights = folder / HEAD_WEIGHTS
-    if not weights.is_file():
-        raise LmforgeError(f"{folder} has {HEAD_CONFIG} but no {HEAD_WEIGHTS}; save the model again")
-    assign_state(_head_only(model), read_tensors(weights), weights)
-    return model
-
-
 __all__ = [
     "POOLINGS",
     "PooledHead",
@@ -245,9 +190,7 @@ __all__ = [
     "build_head",
     "default_pooling",
     "final_hidden",
-    "load_head_model",
     "pool_hidden",
     "positions_from_mask",
-    "save_head_model",
     "sentence_embeddings",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lmforge.checkpoint.io import assign_state, read_json, read_tensors, unique_state, write_json
+from lmforge.checkpoint.io import load_checked, read_json, read_tensors, unique_state, write_json
 from lmforge.checkpoint.native import WEIGHTS_FILE, load_config, save_native
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
@@ -88,7 +88,7 @@ def load_quantized(folder: str | Path) -> nn.Module:
         swap_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                        meta["bits"], meta["group_size"]))
     weights = folder / WEIGHTS_FILE
-    assign_state(model, read_tensors(weights), weights)
+    load_checked(unique_state(model), read_tensors(weights), weights)
     return model
 
 

@@ -214,6 +214,11 @@ class Tokenizer:
         return self._id_of(self.pad_token)
 
     @property
+    def padding_id(self) -> int:
+        """The id batches are padded with: the pad token, else EOS, else 0 (attention masks hide pads either way)."""
+        return next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
+
+    @property
     def eot_id(self) -> int | None:
         """The id that ends a chat turn (generation stops there); see the module docstring."""
         for token in END_OF_TURN_TOKENS:

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.checkpoint.io import load_checked, read_tensors
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -243,29 +244,24 @@ def load_optimizer_state(
 def load_model_weights(model: nn.Module, folder: Path) -> None:
     """Load `folder/model.safetensors` into `model`, checking every name and shape first.
 
-    Tensors missing from the file are accepted when they share storage with one that is
-    there (tied embeddings) or are frozen (a LoRA base the caller rebuilt); a missing
-    trainable tensor, an unknown one, or a different shape raises LmforgeError.
+    Tensors missing from the file are accepted when they are tied to one that is there or are
+    not trained (a frozen LoRA base the caller rebuilt, buffers); a missing trained tensor, an
+    unknown one, or a different shape raises LmforgeError naming it.
     """
     path = folder / MODEL_FILE
     if not path.is_file():
         raise LmforgeError(f"checkpoint {folder} has no {MODEL_FILE}; was training interrupted before the first save?")
-    saved = load_file(str(path), device="cpu")
-    own = model.state_dict()
-    for name, tensor in saved.items():
-        if name not in own:
-            raise LmforgeError(f"checkpoint {folder} was trained with a different model shape: "
-                               f"{name} is in the checkpoint but not in this model")
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise LmforgeError(f"checkpoint {folder} was trained with a different model shape: {name} is "
-                               f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} in this model")
-    loaded_ptrs = {own[name].data_ptr() for name in saved}
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    for name, tensor in own.items():
-        if name not in saved and name in trainable and tensor.data_ptr() not in loaded_ptrs:
-            raise LmforgeError(f"checkpoint {folder} was trained with a different model shape: "
-                               f"{name} is missing from the checkpoint")
-    model.load_state_dict(saved, strict=False)
+    saved = read_tensors(path)
+    params: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen or name in saved:  # a tied second name counts only when the file has it
+            params[name] = t.detach()
+            seen.add(id(t))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    load_checked(params, saved, f"checkpoint {folder}", optional=[n for n in params if n not in trained],
+                 problem="was trained with a different model shape",
+                 hint="resume with the model settings it was trained with")
 
 
 # ---------------------------------------------------------------------------- write / read

@@ -64,38 +64,39 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.checkpoint.heads import load_head_model
 from lmforge.data.masking import IGNORE_INDEX
 from lmforge.data.preference import (
+    PreferenceDataConfig,
     PromptRow,
     encode_prompt,
-    hold_out,
     pack_rows,
     read_prompt_rows,
-    shuffled_indices,
     stop_token,
 )
+from lmforge.data.rows import ShuffledOrder, holdout
 from lmforge.errors import LmforgeError
+from lmforge.evaluate.logprobs import eval_mode, token_logps
+from lmforge.evaluate.scoring import score_texts
 from lmforge.generate.engine import Engine, Request
 from lmforge.generate.sampling import SamplingParams
-from lmforge.models.heads import load_head_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.align import (
-    AlignDataConfig,
-    Report,
-    adapted_model,
-    eval_mode,
-    load_base,
-    pad_id_of,
-    read_setup,
-    run_loop,
-    score_texts,
-    seeded,
-)
 from lmforge.train.distributed import init_distributed
-from lmforge.train.loop import TrainConfig, TrainResult, autocast_for
+from lmforge.train.loop import TrainConfig, autocast_for
 from lmforge.train.lora import LoraConfig, lora_disabled
-from lmforge.train.objectives import group_advantages, grpo, token_logps
+from lmforge.train.objectives import group_advantages, grpo
 from lmforge.train.report import Callback, plot_curves, read_metrics
+from lmforge.train.setup import (
+    FinetuneConfig,
+    Report,
+    RunIO,
+    RunResult,
+    apply_adapters,
+    fit,
+    load_base,
+    out_dir_of,
+    read_recipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ ON_REWARD_ERROR = ("stop", "skip")
 class GrpoConfig:
     """GRPO; every field is a YAML key and a `--grpo.key` flag."""
 
-    base: str = ""  # model folder to start from (usually an SFT run); also the reference policy
     reward_functions: list[str] = field(default_factory=list)  # "module:function" or "file.py:function"; f(prompt, completion, **row fields it names) -> float
     reward_model: str = ""  # folder written by `lmforge reward`; its score is added to the functions' rewards
     group_size: int = 8  # completions sampled per prompt (G)
@@ -143,9 +143,6 @@ class GrpoConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise LmforgeError(f"grpo.{name} must be {expected}; got {getattr(self, name)!r}")
-
-
-GRPO_SECTIONS: dict[str, type] = {"grpo": GrpoConfig, "data": AlignDataConfig, "lora": LoraConfig, "train": TrainConfig}
 
 
 # ---------------------------------------------------------------- reward functions
@@ -342,7 +339,8 @@ class RolloutLoader:
         self.model, self.tokenizer, self.rows, self.rewards = model, tokenizer, list(rows), rewards
         self.cfg, self.batch_size, self.precision, self.seed = cfg, train_cfg.batch_size, train_cfg.precision, train_cfg.seed
         self.reference, self.rank, self.world_size = reference, rank, world_size
-        self.pad_id = pad_id_of(tokenizer)
+        self.pad_id = tokenizer.padding_id
+        self.order = ShuffledOrder(len(self.rows), train_cfg.seed)
         self.rollouts_done = 0  # batches of rollouts sampled so far
         self.position = 0  # micro-batches handed out from the current buffer
         self.buffer: Rollout | None = None
@@ -377,7 +375,7 @@ class RolloutLoader:
     def _sample(self, index: int) -> Rollout:
         """The `index`-th batch of rollouts: P prompts x G completions from the current policy, scored."""
         P, G = self.cfg.prompts_per_rollout, self.cfg.group_size
-        picked = shuffled_indices(len(self.rows), index * P * self.world_size, P * self.world_size, self.seed)
+        picked = self.order.span(index * P * self.world_size, P * self.world_size)
         rows = [self.rows[i] for i in picked[self.rank * P : (self.rank + 1) * P] for _ in range(G)]
         seeds = np.random.SeedSequence([self.seed, index, self.rank]).generate_state(len(rows)).tolist()
         sampling = [SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=s) for s in seeds]
@@ -459,29 +457,32 @@ class RewardPlot(Callback):
 # ---------------------------------------------------------------- the run
 
 
-def train_grpo(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-               callbacks: Sequence[Callback] = ()) -> TrainResult:
+GRPO_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": PreferenceDataConfig, "grpo": GrpoConfig,
+                                  "train": TrainConfig, "lora": LoraConfig}
+
+
+def run_grpo(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
+             callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train (or resume) the GRPO run a recipe describes."""
-    setup = read_setup(recipe, "grpo", GrpoConfig)
-    cfg, data = setup.method, setup.data
+    ft, data, cfg, train_cfg, lora = read_recipe(recipe, GRPO_SECTIONS)
     info = init_distributed()
     rewards = Rewards.from_config(cfg, info.device)  # a bad function path fails before the model loads
-    model, tokenizer = load_base(cfg.base, "grpo")
-    if not data.train_file:
-        raise LmforgeError('data.train_file is not set; pass a JSONL file of {"prompt": ...} rows (--data.train_file FILE)')
-    rows = read_prompt_rows(data.train_file)
-    rows, val_rows = (rows, read_prompt_rows(data.val_file)) if data.val_file else hold_out(rows, data.val_fraction, setup.train.seed)
+    model, tokenizer = load_base(ft)
+    data.require_train('a JSONL file of {"prompt": ...} rows')
+    data.validate()
+    rows = read_prompt_rows(data.train)
+    rows, eval_rows = (rows, read_prompt_rows(data.eval)) if data.eval else holdout(rows, data.eval_fraction, train_cfg.seed)
     if report:
-        report(f"{data.train_file}: {len(rows)} training prompts, {len(val_rows)} held out")
+        report(f"{data.train}: {len(rows)} training prompts, {len(eval_rows)} held out")
     model.to(info.device)
-    with seeded(setup.train.seed):
-        setup.lora = adapted_model(model, setup.lora)
+    io = RunIO(tokenizer, apply_adapters(model, lora, train_cfg.seed), ft.base)
     reference = None
-    if cfg.kl_beta and not setup.lora.rank:
+    if cfg.kl_beta and io.lora is None:
         reference = copy.deepcopy(model).requires_grad_(False)
-    loader = RolloutLoader(model, tokenizer, rows, rewards, cfg, setup.train, reference=reference,
+    loader = RolloutLoader(model, tokenizer, rows, rewards, cfg, train_cfg, reference=reference,
                            rank=info.rank, world_size=info.world_size)
-    evals = (lambda: loader.eval_batches(val_rows)) if val_rows else None
-    return run_loop(model, grpo(clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta), loader, setup, tokenizer=tokenizer,
-                    make_eval_batches=evals, progress=progress, callbacks=[*callbacks, RewardPlot(setup.out_dir)],
-                    dist_info=info)
+    evals = (lambda: loader.eval_batches(eval_rows)) if eval_rows else None
+    out_dir = out_dir_of(recipe, "grpo")
+    return RunResult(fit(model, grpo(clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta), loader, io, train_cfg, out_dir,
+                         info=info, make_eval_batches=evals, progress=progress,
+                         callbacks=[*callbacks, RewardPlot(out_dir)], merge=ft.merge))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.checkpoint.io import read_json, read_tensors, write_json, write_tensors
+from lmforge.checkpoint.io import load_checked, read_json, read_tensors, write_json, write_tensors
 from lmforge.errors import LmforgeError
 from lmforge.models.layers import Linear
 
@@ -295,19 +295,6 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, dict[str, Any]]
     return cfg, meta
 
 
-def _check_tensors(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: Path) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = [f"{k} {tuple(found[k].shape)} (model: {tuple(v.shape)})"
-                 for k, v in expected.items() if k in found and found[k].shape != v.shape]
-    problems = [f"{what} {names[:5]}" for what, names in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if names]
-    if problems:
-        raise LmforgeError(
-            f"{source} does not fit this model: {'; '.join(problems)}; was the adapter trained on a different base model?"
-        )
-
-
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     """Apply LoRA to `model` with the saved config and load the saved adapter tensors into it.
 
@@ -329,15 +316,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     apply_lora(model, cfg)
     expected = lora_state_dict(model, cfg.train_modules)
     try:
-        _check_tensors(expected, tensors, weights)
+        load_checked(expected, tensors, weights, hint="was the adapter trained on a different base model?")
     except LmforgeError:
         merge_lora(model)  # B is still zero: the weights are unchanged
         for n, p in model.named_parameters():
             p.requires_grad_(trainable[n])
         raise
-    with torch.no_grad():
-        for name, p in expected.items():
-            p.copy_(tensors[name])
     return cfg
 
 

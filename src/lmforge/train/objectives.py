@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data import IGNORE_INDEX, mask_tokens
+from lmforge.evaluate.logprobs import sequence_logps, token_logps
 from lmforge.train.distributed import unwrap_model
 from lmforge.train.loop import ObjectiveOutput
 
@@ -85,19 +86,6 @@ def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutpu
 #
 # Pair batches stack B chosen rows above B rejected rows (data/preference.py); the loss is summed
 # over pairs and n_targets is the number of pairs. GRPO's loss is summed over completion tokens.
-
-
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label) at every position (B, T); 0 where the label is IGNORE_INDEX."""
-    B, T = labels.shape
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(B, T)  # (B, T)
-
-
-def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """log p(reply | prompt) per row (B,): token log-probs summed over the labelled (reply) positions."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return token_logps(logits, batch["labels"]).sum(-1)  # (B,)
 
 
 def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, float]:

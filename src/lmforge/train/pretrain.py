@@ -1,32 +1,46 @@
 """Self-supervised pretraining: next-token prediction for decoders, masked tokens for encoders.
 
-`pretrain(recipe)` turns a recipe (sections `model`, `data`, `train`, and `out_dir`) into
-the pieces of the one training loop: a model sized to the tokenizer, token-shard loaders
-for this rank, the objective that fits the model kind, and a `save_model` that writes the
-lmforge checkpoint with its tokenizer.
+`run_pretrain(recipe)` turns a recipe (sections `model`, `data`, `train`, and `out_dir`) into
+the pieces of the one training loop: a model sized to the tokenizer (its initial weights drawn
+from `train.seed`), token-shard loaders for this rank, the objective that fits the model kind,
+and the shared checkpoint functions (`setup.RunIO`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lmforge.checkpoint import save_native
+from lmforge.config import ModelConfig, model_config
 from lmforge.data import TokenLoader, TokenShards, iter_eval_batches
+from lmforge.data.rows import context_length
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
-from lmforge.recipes import DataConfig, build, model_config
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import init_distributed
-from lmforge.train.loop import TrainConfig, TrainResult, train
+from lmforge.train.loop import Objective, TrainConfig
 from lmforge.train.objectives import causal_lm, masked_lm
-from lmforge.train.report import Callback, ProgressBar
+from lmforge.train.report import Callback
+from lmforge.train.setup import Report, RunIO, RunResult, fit, out_dir_of, read_recipe, seeded
 
 
-def objective_for(model: nn.Module, tokenizer: Tokenizer):
+@dataclass
+class ShardsDataConfig:
+    """Where the training tokens come from; the `data:` section of a pretrain recipe."""
+
+    shards: str = ""  # folder written by `lmforge prepare` (train_*.bin, val_*.bin, meta.json)
+    tokenizer: str = ""  # tokenizer folder (tokenizer.json); default: the shards folder's tokenizer/
+    seq_len: int = 0  # tokens per training sequence; 0 = the model's max_seq_len
+
+
+PRETRAIN_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": ShardsDataConfig, "train": TrainConfig}
+
+
+def objective_for(model: nn.Module, tokenizer: Tokenizer) -> Objective:
     """Next-token loss for decoders; BERT masking for encoders (needs a mask token)."""
     config = model.config
     if config.kind == "decoder":
@@ -38,41 +52,40 @@ def objective_for(model: nn.Module, tokenizer: Tokenizer):
     return masked_lm(mask_id, config.vocab_size, specials)
 
 
-def pretrain(recipe: dict[str, Any], *, progress: bool = False, callbacks: list[Callback] | None = None) -> TrainResult:
+def _model_config(values: dict[str, Any], tokenizer: Tokenizer) -> ModelConfig:
+    return model_config(values, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                        pad_id=tokenizer.pad_id)
+
+
+def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
+                 callbacks: Sequence[Callback] = ()) -> RunResult:
     """Run (or resume) the pretraining a recipe describes."""
-    data = build(DataConfig, recipe.get("data"), "data")
+    model_values, data, cfg = read_recipe(recipe, PRETRAIN_SECTIONS)
     if not data.shards:
         raise LmforgeError("data.shards is not set; run `lmforge prepare` and pass its --out folder")
     shards_dir = Path(data.shards)
     tokenizer = Tokenizer.from_dir(data.tokenizer or shards_dir / "tokenizer")
-    config = model_config(recipe.get("model"), vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    cfg = build(TrainConfig, recipe.get("train"), "train")
-    out_dir = Path(recipe.get("out_dir") or "runs/pretrain")
-    seq_len = data.seq_len or config.max_seq_len
-    if seq_len > config.max_seq_len:
-        raise LmforgeError(f"data.seq_len {seq_len} exceeds model.max_seq_len {config.max_seq_len}")
-
+    config = _model_config(model_values, tokenizer)
+    seq_len = context_length(data.seq_len, config.max_seq_len)
     train_shards, val_shards = TokenShards.open(shards_dir, "train"), TokenShards.open(shards_dir, "val")
     for shards in (train_shards, val_shards):
         shards.check_vocab(config.vocab_size)
     if cfg.bytes_per_token is None and val_shards.n_tokens:
         cfg.bytes_per_token = val_shards.n_bytes / val_shards.n_tokens
+    if report:
+        report(f"{train_shards.n_tokens:,} train and {val_shards.n_tokens:,} validation tokens")
 
     info = init_distributed()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-    model = build_model(config).to(info.device)
+    with seeded(cfg.seed):  # the same initial weights on every rank and every run
+        model = build_model(config)
     loader = TokenLoader(train_shards, cfg.batch_size, seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
 
     def eval_batches():
         return iter_eval_batches(val_shards, cfg.batch_size, seq_len, cfg.eval_batches or None)
 
-    def save_model(m: nn.Module, folder: Path) -> None:
-        save_native(m, folder)
-        tokenizer.save(folder)
+    return RunResult(fit(model, objective_for(model, tokenizer), loader, RunIO(tokenizer), cfg,
+                         out_dir_of(recipe, "pretrain"), info=info, make_eval_batches=eval_batches,
+                         progress=progress, callbacks=callbacks))
 
-    cbs = list(callbacks or [])
-    if progress:
-        cbs.append(ProgressBar(cfg.steps))
-    return train(model, objective_for(model, tokenizer), loader, cfg, out_dir, make_eval_batches=eval_batches,
-                 save_model=save_model, callbacks=cbs, dist_info=info)
+
+__all__ = ["PRETRAIN_SECTIONS", "ShardsDataConfig", "objective_for", "run_pretrain"]

@@ -6,24 +6,25 @@ import copy
 
 import pytest
 import torch
-from _align_helpers import CHOSEN, REJECTED, quick_train
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.testing import assert_close
 
 import lmforge
-from lmforge.checkpoint import load_model, save_native
+from _helpers import CHOSEN, REJECTED, quick_train
+from lmforge.checkpoint import load_model
 from lmforge.data.preference import pack_rows
+from lmforge.evaluate.logprobs import sequence_logps
 from lmforge.models.gpt import GPT
-from lmforge.train.align import adapter_reference, load_base, merged_lora, train_dpo, train_reward
-from lmforge.train.lora import LoraConfig, LoraLinear, apply_lora, lora_state_dict
-from lmforge.train.objectives import sequence_logps
+from lmforge.train.align import adapter_reference, run_dpo, run_reward
+from lmforge.train.lora import LoraConfig, LoraLinear, apply_lora
 from lmforge.train.report import read_metrics
+from lmforge.train.setup import FinetuneConfig, load_base
 
 BATCH = pack_rows([[1, 40, 41], [1, 42]], [[50, 51, 2], [52, 2]], pad_id=0)
 
 
 def adapted(folder) -> torch.nn.Module:
-    model, _ = load_base(str(folder), "dpo")
+    model, _ = load_base(FinetuneConfig(base=str(folder)))
     apply_lora(model, LoraConfig(rank=4))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -45,7 +46,8 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tiny_lm_dir):
 
 
 def dpo_recipe(base, data, out, *, lora: int = 0, precompute: bool = False, **train) -> dict:
-    return {"dpo": {"base": str(base), "beta": 0.5, "precompute_ref": precompute}, "data": {"train_file": str(data), "val_fraction": 0.25},
+    return {"finetune": {"base": str(base)}, "dpo": {"beta": 0.5, "precompute_ref": precompute},
+            "data": {"train": str(data), "eval_fraction": 0.25},
             "lora": {"rank": lora}, "train": quick_train(**{"steps": 2, **train}), "out_dir": str(out)}
 
 
@@ -59,7 +61,7 @@ def decoders_run_by(recipe: dict) -> int:
 
     handle = register_module_forward_pre_hook(hook)
     try:
-        train_dpo(recipe)
+        run_dpo(recipe)
     finally:
         handle.remove()
     return len(seen)
@@ -81,18 +83,18 @@ def test_dpo_with_lora_makes_no_second_model(tiny_lm_dir, prefs_file, tmp_path, 
 
 
 def test_precomputed_reference_trains_like_the_live_one(tiny_lm_dir, prefs_file, tmp_path):
-    live = train_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "live", steps=3))
-    pre = train_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "pre", steps=3, precompute=True))
-    assert pre.final_eval["eval_loss"] == pytest.approx(live.final_eval["eval_loss"], rel=1e-4)
-    assert pre.final_train_loss == pytest.approx(live.final_train_loss, rel=1e-4)
+    live = run_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "live", steps=3))
+    pre = run_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "pre", steps=3, precompute=True))
+    assert pre.train.final_eval["eval_loss"] == pytest.approx(live.train.final_eval["eval_loss"], rel=1e-4)
+    assert pre.train.final_train_loss == pytest.approx(live.train.final_train_loss, rel=1e-4)
 
 
 def test_dpo_lora_learns_saves_merged_and_resumes_exactly(tiny_lm_dir, prefs_file, tmp_path):
-    whole = train_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "whole", lora=4, steps=6))
-    assert whole.final_eval["eval_accuracy"] == 1.0 and whole.final_eval["eval_margin"] > 0
-    train_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "split", lora=4, steps=3))
-    again = train_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "split", lora=4, steps=6))  # resumes at step 3
-    assert again.step == 6
+    whole = run_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "whole", lora=4, steps=6))
+    assert whole.train.final_eval["eval_accuracy"] == 1.0 and whole.train.final_eval["eval_margin"] > 0
+    run_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "split", lora=4, steps=3))
+    again = run_dpo(dpo_recipe(tiny_lm_dir, prefs_file, tmp_path / "split", lora=4, steps=6))  # resumes at step 3
+    assert again.train.step == 6
     tensors = [lmforge.load(tmp_path / name).model.state_dict() for name in ("whole", "split")]
     for key, value in tensors[0].items():
         assert torch.equal(value, tensors[1][key]), key
@@ -102,27 +104,14 @@ def test_dpo_lora_learns_saves_merged_and_resumes_exactly(tiny_lm_dir, prefs_fil
     assert {"chosen_reward", "rejected_reward", "margin", "accuracy"} <= set(metrics)
 
 
-def test_merged_save_leaves_the_adapters_untouched(tiny_lm_dir, tmp_path):
-    model = adapted(tiny_lm_dir).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with merged_lora(model):
-        assert not any(isinstance(m, LoraLinear) for m in model.modules())
-        save_native(model, tmp_path / "merged")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert lora_state_dict(model)  # the adapters are back
-    merged, _ = load_model(tmp_path / "merged")
-    with torch.no_grad():
-        assert_close(merged.eval()(BATCH["input_ids"]), model(BATCH["input_ids"]), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("rank", [0, 4])
 def test_reward_model_learns_and_scores_through_lm_score(tiny_lm_dir, prefs_file, tmp_path, rank):
-    recipe = {"reward": {"base": str(tiny_lm_dir)}, "data": {"train_file": str(prefs_file), "val_fraction": 0.25},
+    recipe = {"finetune": {"base": str(tiny_lm_dir)}, "data": {"train": str(prefs_file), "eval_fraction": 0.25},
               "lora": {"rank": rank}, "train": quick_train(8), "out_dir": str(tmp_path / "rm")}
     lines: list[str] = []
-    result = train_reward(recipe, report=lines.append)
+    result = run_reward(recipe, report=lines.append)
     assert lines == [f"{prefs_file}: 24 rows, 24 pairs kept"]
-    assert result.final_eval["eval_accuracy"] == 1.0
+    assert result.train.final_eval["eval_accuracy"] == 1.0
     lm = lmforge.load(tmp_path / "rm")
     assert lm.score("Q99: which animal?", CHOSEN) > lm.score("Q99: which animal?", REJECTED)
-    assert train_reward(recipe).step == 8  # a finished run resumes from its own folder and stops
+    assert run_reward(recipe).train.step == 8  # a finished run resumes from its own folder and stops

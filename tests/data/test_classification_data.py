@@ -12,7 +12,6 @@ from lmforge.data.classification import (
     read_labelled,
 )
 from lmforge.errors import LmforgeError
-from lmforge.train.finetune import classification_report
 
 
 def test_tsv_csv_and_jsonl_read_alike(tmp_path, jsonl):
@@ -86,11 +85,3 @@ def test_encoding_truncates_and_collates(tiny_tokenizer, jsonl):
     assert max(len(ids) for ids, _ in data.train) == 16
     batch = collate_classification(data.train[:3], pad_id=tiny_tokenizer.pad_id)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].shape == (3,)
-
-
-def test_classification_report():
-    r = classification_report([0, 1, 1, 2, 0], [0, 1, 2, 2, 1], ["a", "b", "c"])
-    assert r.accuracy == pytest.approx(0.6) and r.confusion == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
-    # F1: a 2*1/(1+2), b 2*1/(2+2), c 2*1/(2+1)
-    assert r.macro_f1 == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
-    assert r.table().splitlines()[0].split() == ["true\\pred", "a", "b", "c"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lmforge.checkpoint.io import read_tensors
-from lmforge.train.finetune import FinetuneResult, run_classify, run_sft
+from lmforge.train.finetune import run_classify, run_sft
 from lmforge.train.report import Callback, StopTraining, read_metrics
+from lmforge.train.setup import RunResult
 
 
 class StopAt(Callback):
@@ -34,7 +35,7 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in read_metrics(run / "metrics.jsonl") if m["kind"] == "train"]
 
 
-def whole_and_resumed(run: Callable[..., FinetuneResult], recipe_for: Callable[[Path], dict], tmp_path: Path,
+def whole_and_resumed(run: Callable[..., RunResult], recipe_for: Callable[[Path], dict], tmp_path: Path,
                       stop_at: int, steps: int) -> tuple[Path, Path]:
     """The same run uninterrupted, and stopped at `stop_at` then resumed; the two run folders."""
     whole, split = tmp_path / "whole", tmp_path / "split"

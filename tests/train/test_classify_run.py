@@ -10,9 +10,11 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers, processors
 
+import lmforge
 from lmforge.cli import main
+from lmforge.evaluate.classification import predict
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.finetune import load_classifier, predict, run_classify
+from lmforge.train.finetune import run_classify
 
 POSITIVE, NEGATIVE = ["good", "great", "superb", "lovely"], ["bad", "awful", "boring", "ugly"]
 FILLER = ["the", "film", "was", "quite", "and", "plot", "acting", "very"]
@@ -48,7 +50,8 @@ def test_decoder_classifier_learns_a_separable_task(recipe, tiny_lm_dir, tmp_pat
     assert saved["accuracy"] == report.accuracy
     assert json.loads((tmp_path / "run" / "head.json").read_text())["labels"] == ["neg", "pos"]
 
-    model, tokenizer = load_classifier(tmp_path / "run")
+    lm = lmforge.load(tmp_path / "run")
+    model, tokenizer = lm.model, lm.tokenizer
     got = predict(model, tokenizer, ["the plot was superb and lovely", "awful and boring acting"])
     assert [p.label for p in got] == ["pos", "neg"]
     assert set(got[0].probabilities) == {"neg", "pos"} and got[0].probability > 0.5
@@ -86,5 +89,6 @@ def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(recipe, tmp_p
     assert [line.split("\t")[0] for line in out.stdout.splitlines()] == ["1", "0"]
 
     assert main(["lora", "merge", str(base), str(run), "--out", str(tmp_path / "merged")]) == 0
-    model, tokenizer = load_classifier(tmp_path / "merged")
+    lm = lmforge.load(tmp_path / "merged")
+    model, tokenizer = lm.model, lm.tokenizer
     assert [p.label for p in predict(model, tokenizer, ["great and lovely plot"])] == ["1"]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.sft import (
-    RowLoader,
     SftDataConfig,
     collate_sft,
     encode_conversation,
@@ -152,25 +150,3 @@ def test_packing_fills_sequences_and_restarts_positions(tiny_tokenizer, capitals
 
     plain = collate_sft([[e] for e in examples[:3]], pad_id=0, packed=False)
     assert set(plain) == {"input_ids", "labels", "attention_mask"}
-
-
-def test_row_loader_is_seeded_epoch_complete_and_resumable():
-    items = list(range(10))
-
-    def collate(rows):
-        return {"x": torch.tensor(rows)}
-
-    loader = RowLoader(items, collate, batch_size=5, seed=4)
-    first_epoch = torch.cat([loader.next_batch()["x"] for _ in range(2)]).tolist()
-    assert sorted(first_epoch) == items and first_epoch != items
-    state = loader.state_dict()
-    upcoming = [loader.next_batch()["x"].tolist() for _ in range(3)]
-    resumed = RowLoader(items, collate, batch_size=5, seed=0)
-    resumed.load_state_dict(state)
-    assert [resumed.next_batch()["x"].tolist() for _ in range(3)] == upcoming
-
-    ranks = [RowLoader(items, collate, batch_size=2, seed=4, rank=r, world_size=2).next_batch()["x"].tolist()
-             for r in range(2)]
-    assert ranks[0] + ranks[1] == RowLoader(items, collate, batch_size=4, seed=4).next_batch()["x"].tolist()
-    with pytest.raises(LmforgeError, match="same data"):
-        RowLoader(items[:9], collate, batch_size=5, seed=4).load_state_dict(state)

@@ -9,17 +9,17 @@ import re
 
 import pytest
 import torch
-from _align_helpers import quick_train, write_jsonl
 
 import lmforge
+from _helpers import quick_train, write_jsonl
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.preference import PromptRow
 from lmforge.errors import LmforgeError
-from lmforge.train.align import load_base
-from lmforge.train.grpo import GrpoConfig, RewardFunction, Rewards, RolloutLoader, train_grpo
+from lmforge.train.grpo import GrpoConfig, RewardFunction, Rewards, RolloutLoader, run_grpo
 from lmforge.train.loop import TrainConfig
 from lmforge.train.objectives import grpo
 from lmforge.train.report import read_metrics
+from lmforge.train.setup import FinetuneConfig, load_base
 
 REWARDS_PY = '''
 import math
@@ -102,7 +102,7 @@ def prompts_file(tmp_path, n: int = 12):
 
 
 def loader_for(tiny_lm_dir, rewards: Rewards, **cfg) -> RolloutLoader:
-    model, tok = load_base(str(tiny_lm_dir), "grpo")
+    model, tok = load_base(FinetuneConfig(base=str(tiny_lm_dir)))
     config = GrpoConfig(group_size=4, prompts_per_rollout=2, max_new_tokens=6, iterations=2, kl_beta=0.1, **cfg)
     rows = [PromptRow(f"{i}+1=", {"answer": str(i + 1)}, f"p line {i + 1}") for i in range(5)]
     reference = lmforge.load(tiny_lm_dir).model
@@ -139,22 +139,23 @@ def test_a_skipped_group_is_left_out_of_the_loss(tiny_lm_dir, rewards_py):
 
 
 def grpo_recipe(base, prompts, rewards_py, out, steps: int) -> dict:
-    return {"grpo": {"base": str(base), "reward_functions": [f"{rewards_py}:has_digit"], "group_size": 4,
-                     "prompts_per_rollout": 2, "max_new_tokens": 6, "kl_beta": 0.1},
-            "data": {"train_file": str(prompts), "val_fraction": 0.25}, "lora": {"rank": 4},
+    return {"finetune": {"base": str(base)},
+            "grpo": {"reward_functions": [f"{rewards_py}:has_digit"], "group_size": 4, "prompts_per_rollout": 2,
+                     "max_new_tokens": 6, "kl_beta": 0.1},
+            "data": {"train": str(prompts), "eval_fraction": 0.25}, "lora": {"rank": 4},
             "train": quick_train(steps), "out_dir": str(out)}
 
 
 def test_grpo_run_logs_everything_and_resumes_mid_buffer_exactly(tiny_lm_dir, rewards_py, tmp_path):
     prompts = prompts_file(tmp_path)
-    whole = train_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "whole", 4))
-    train_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "split", 3))  # stops halfway through buffer 2
-    split = train_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "split", 4))
-    assert split.step == whole.step == 4
+    whole = run_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "whole", 4))
+    run_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "split", 3))  # stops halfway through buffer 2
+    split = run_grpo(grpo_recipe(tiny_lm_dir, prompts, rewards_py, tmp_path / "split", 4))
+    assert split.train.step == whole.train.step == 4
     weights = [lmforge.load(tmp_path / name).model.state_dict() for name in ("whole", "split")]
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     assert {"reward_mean", "reward_std", "kl", "completion_len", "clip_fraction", "reward_errors"} <= set(train[0])
-    assert "eval_reward_mean" in whole.final_eval
+    assert "eval_reward_mean" in whole.train.final_eval
     assert (tmp_path / "whole" / "reward.png").stat().st_size > 1000

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from _align_helpers import write_jsonl
 
+from _helpers import write_jsonl
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.preference import (
     EncodedPair,
-    PairLoader,
     PreferencePair,
     encode_pairs,
     encode_reply,
     fit_lengths,
-    hold_out,
     pack_rows,
+    pair_batch,
     pair_from_row,
     read_preference_pairs,
     read_prompt_rows,
@@ -111,40 +107,9 @@ def test_pack_rows_labels_only_the_reply():
     assert batch["labels"].tolist() == [[x, x, 7, 8, 2, x], [9, 2, x, x, x, x]]
 
 
-PAIRS = [EncodedPair([1, i], [10 + i, 2], [20 + i, 2]) for i in range(7)]
-
-
-def drawn(loader: PairLoader, n: int) -> list[list[int]]:
-    """The pair indices of the next n batches (read from the prompts of the chosen rows)."""
-    return [loader.next_batch()["input_ids"][: loader.batch_size, 1].tolist() for _ in range(n)]
-
-
-def test_pair_loader_is_seeded_epochwise_resumable_and_rank_split():
-    loader = PairLoader(PAIRS, 3, 0, seed=5, ref_logps=torch.arange(14.0).view(7, 2))
-    batch = loader.next_batch()
-    chosen_ids = batch["input_ids"][:3, 2].tolist()
-    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"][3:, 2].tolist() == [c + 10 for c in chosen_ids]
-    assert batch["ref_logps"].tolist() == [2.0 * (c - 10) for c in chosen_ids] + [2.0 * (c - 10) + 1 for c in chosen_ids]
-    loader = PairLoader(PAIRS, 3, 0, seed=5)
-    first = drawn(loader, 4)
-    epoch_one = [i for b in first for i in b][:7]
-    assert sorted(epoch_one) == list(range(7))  # every pair once per epoch
-    state = loader.state_dict()
-    more = drawn(loader, 2)
-    resumed = PairLoader(PAIRS, 3, 0, seed=0)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert drawn(resumed, 2) == more
-    ranks = [PairLoader(PAIRS, 3, 0, seed=5, rank=r, world_size=2) for r in (0, 1)]
-    whole = PairLoader(PAIRS, 6, 0, seed=5)
-    assert drawn(ranks[0], 1)[0] + drawn(ranks[1], 1)[0] == drawn(whole, 1)[0]
-    with pytest.raises(LmforgeError, match="same data and batch settings"):
-        PairLoader(PAIRS[:5], 3, 0, seed=5).load_state_dict(state)
-
-
-def test_hold_out_is_seeded_and_disjoint():
-    train, val = hold_out(list(range(20)), 0.2, seed=3)
-    assert len(val) == 4 and sorted(train + val) == list(range(20))
-    assert hold_out(list(range(20)), 0.2, seed=3) == (train, val)
-    assert hold_out(list(range(20)), 0.0, seed=3) == (list(range(20)), [])
-    with pytest.raises(LmforgeError, match="too few"):
-        hold_out([1], 0.5, seed=0)
+def test_pair_batch_stacks_chosen_over_rejected_with_their_reference_logps():
+    pairs = [EncodedPair([1, i], [10 + i, 2], [20 + i, 2], ref_logps=(-1.0 * i, -2.0 * i)) for i in range(3)]
+    batch = pair_batch(pairs, pad_id=0)
+    assert batch["input_ids"][:, 2].tolist() == [10, 11, 12, 20, 21, 22]  # B chosen rows, then B rejected
+    assert batch["ref_logps"].tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
+    assert "ref_logps" not in pair_batch([EncodedPair([1], [2], [3])], pad_id=0)  # none precomputed

@@ -12,7 +12,8 @@ import lmforge
 from lmforge.checkpoint import load_model
 from lmforge.checkpoint.io import read_tensors
 from lmforge.cli import main
-from lmforge.data.sft import collate_sft, encode_sft_file, iter_row_batches, sequences
+from lmforge.data.rows import iter_row_batches
+from lmforge.data.sft import collate_sft, encode_sft_file, sequences
 from lmforge.train.finetune import run_sft
 from lmforge.train.loop import evaluate_objective
 from lmforge.train.lora import load_adapter, merge_lora

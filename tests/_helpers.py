@@ -1,8 +1,11 @@
-"""Helpers shared by the alignment tests (a plain module: importing from conftest.py collides across folders)."""
+"""Helpers shared by tests in several folders (a plain module: importing from conftest.py collides across folders)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 CHOSEN, REJECTED = " the quick brown fox.", " the lazy dog."
@@ -18,3 +21,9 @@ def quick_train(steps: int, **overrides) -> dict:
     """A train section for runs of a few steps."""
     return {"steps": steps, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
             "eval_every": 0, "save_every": 0, "log_every": 1, "seed": 0, **overrides}
+
+
+def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS...` in a fresh process on one thread, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})

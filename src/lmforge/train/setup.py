@@ -1,0 +1,312 @@
+"""The one setup every training verb shares: recipe, base model, LoRA, seeding, checkpoints, the loop.
+
+Each verb (`run_pretrain`, `run_sft`, `run_classify`, `run_reward`, `run_dpo`, `run_grpo`) is
+`(recipe, *, progress, report, callbacks) -> RunResult` and differs only in its data, its
+objective and its model wrapper; everything else is here, written once.
+
+Design choices:
+- **One recipe vocabulary.** A recipe is a mapping of sections (`finetune`, `data`, `head`,
+  `train`, `lora`, the verb's own) plus `out_dir`; each section becomes its dataclass through
+  `config.build`, so an unknown key fails the same way in every verb. The fine-tuning verbs
+  share `finetune.base` / `finetune.merge`, `data.train` / `data.eval` / `data.eval_fraction` /
+  `data.seq_len` and `head.pooling`. Keys of earlier releases (`data.train_file`, `dpo.base`,
+  ...; `RENAMED_KEYS`) still work for one release, with a one-line warning naming the new key.
+- **One LoRA on-disk policy.** A checkpoint of a LoRA run holds the adapter
+  (`adapter.safetensors`, `adapter_config.json` naming the base; `head.json` for a head model)
+  and the tokenizer, never a copy of the base. Resuming rebuilds the base from
+  `finetune.base`, applies LoRA and loads the adapter; the loop restores the optimizer, data
+  position and RNG states, so the run continues bit for bit. At the end, `finetune.merge` (on by
+  default) writes the merged model beside the adapter, so `lmforge.load(out_dir)` needs no base;
+  an adapter-only folder opens too (`merged_model` loads its recorded base).
+- **One seeding rule.** Parts the setup creates (a head's `score` layer, LoRA's A matrices, a
+  pretrained model's initial weights) are drawn inside `seeded(train.seed)`, from a generator
+  forked off the global one: the same in every run and on every rank, so a resumed run rebuilds
+  the same model before loading its checkpoint. The loop seeds its own randomness.
+- Library code never prints: `report(line)` receives what became of the data (the CLI passes
+  `print`); `RunResult.summary()` is the one line every verb ends with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.checkpoint import load_model, save_hf, save_native
+from lmforge.checkpoint.heads import (
+    load_head_weights,
+    read_head_record,
+    save_head_model,
+    write_head_record,
+)
+from lmforge.checkpoint.io import load_checked, read_tensors
+from lmforge.config import ModelConfig, build
+from lmforge.errors import LmforgeError
+from lmforge.evaluate.classification import ClassificationReport
+from lmforge.models.heads import PooledHead, build_head
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpointing import load_model_weights
+from lmforge.train.distributed import DistInfo
+from lmforge.train.loop import Loader, Objective, TrainConfig, TrainResult, train
+from lmforge.train.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
+from lmforge.train.report import Callback, ProgressBar
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {  # (section, key) of earlier releases -> today's
+    ("data", "train_file"): ("data", "train"),
+    ("data", "val_file"): ("data", "eval"),
+    ("data", "val_fraction"): ("data", "eval_fraction"),
+    ("data", "max_len"): ("data", "seq_len"),
+    ("reward", "base"): ("finetune", "base"),
+    ("reward", "pooling"): ("head", "pooling"),
+    ("dpo", "base"): ("finetune", "base"),
+    ("grpo", "base"): ("finetune", "base"),
+}
+
+
+# ---------------------------------------------------------------- recipe sections
+
+
+@dataclass
+class FinetuneConfig:
+    """The model a run starts from; the `finetune:` section of every fine-tuning recipe."""
+
+    base: str = ""  # model to start from: an lmforge run folder or a Hugging Face folder, with its tokenizer.json
+    merge: bool = True  # with LoRA: also write the merged model into out_dir at the end (the adapter is always saved)
+
+
+@dataclass
+class HeadConfig:
+    """The task head; the `head:` section of classify and reward recipes."""
+
+    pooling: str = ""  # "last" (last non-pad token), "cls" ([CLS], through BERT's pooler when present) or "mean"; "" = last for decoders, cls or mean for encoders
+
+
+def renamed(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with keys of earlier releases moved to today's names, each with a one-line warning."""
+    out = {name: dict(value) if isinstance(value, Mapping) else value for name, value in recipe.items()}
+    for (old_section, old_key), (section, key) in RENAMED_KEYS.items():
+        values = out.get(old_section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        log.warning("recipe key %s.%s is deprecated; use %s.%s", old_section, old_key, section, key)
+        value = values.pop(old_key)
+        if not values and old_section != section:
+            del out[old_section]
+        out.setdefault(section, {}).setdefault(key, value)
+    return out
+
+
+def read_recipe(recipe: Mapping[str, Any], sections: Mapping[str, type]) -> list[Any]:
+    """Each section of the recipe as its dataclass, in the order of `sections`; unknown sections fail in one line.
+
+    A `model` section (ModelConfig) comes back as its mapping: pretraining completes it with the
+    tokenizer's sizes and an optional preset (`config.model_config`).
+    """
+    recipe = renamed(recipe)
+    unknown = sorted(set(recipe) - set(sections) - {"out_dir"})
+    if unknown:
+        raise LmforgeError(f"the recipe has unknown sections {unknown}; this verb reads {', '.join(sections)} and out_dir")
+    return [dict(recipe.get(name) or {}) if cls is ModelConfig else build(cls, recipe.get(name), name)
+            for name, cls in sections.items()]
+
+
+def out_dir_of(recipe: Mapping[str, Any], verb: str) -> Path:
+    """The run folder: the recipe's `out_dir`, else runs/<verb>."""
+    return Path(recipe.get("out_dir") or f"runs/{verb}")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the block torch draws from a generator seeded with `seed`; the global state is restored after."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------- base model and LoRA
+
+
+def load_base(cfg: FinetuneConfig) -> tuple[nn.Module, Tokenizer]:
+    """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder."""
+    if not cfg.base:
+        raise LmforgeError("finetune.base is not set; pass --finetune.base MODEL_FOLDER (an lmforge run or a Hugging Face folder)")
+    model, _ = load_model(cfg.base)
+    if not (Path(cfg.base) / "tokenizer.json").is_file():
+        raise LmforgeError(f"{cfg.base} has no tokenizer.json; fine-tuning reads text, so the model folder needs its tokenizer")
+    return model, Tokenizer.from_dir(cfg.base)
+
+
+def apply_adapters(model: nn.Module, lora: LoraConfig, seed: int, train_modules: Sequence[str] = ()) -> LoraConfig | None:
+    """Apply LoRA when lora.rank > 0, training `train_modules` in full too; the config saved with the adapter, or None."""
+    if not lora.rank:
+        lora.validate()
+        return None
+    lora = dataclasses.replace(lora, train_modules=[*lora.train_modules, *(m for m in train_modules if m not in lora.train_modules)])
+    with seeded(seed):
+        wrapped = apply_lora(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %d layers: %d trainable parameters", lora.rank, len(wrapped), trainable)
+    return lora
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_model_files(model: nn.Module, folder: Path) -> None:
+    """A head model as backbone + head files, any other model as an lmforge checkpoint."""
+    if isinstance(model, PooledHead):
+        save_head_model(model, folder)
+    else:
+        save_native(model, folder)
+
+
+def load_model_files(model: nn.Module, folder: Path) -> None:
+    """The inverse of `save_model_files`, into a model of the same shape (checked tensor by tensor)."""
+    if isinstance(model, PooledHead):
+        load_model_weights(model.backbone, folder)
+        load_head_weights(model, folder)
+    else:
+        load_model_weights(model, folder)
+
+
+@dataclass
+class RunIO:
+    """The model part of a checkpoint (the loop's `save_model` / `load_model`) and the final merge."""
+
+    tokenizer: Tokenizer
+    lora: LoraConfig | None = None  # with LoRA, checkpoints hold the adapter (and the head record), never the base
+    base: str = ""  # the base model folder, recorded in adapter_config.json
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        if self.lora is None:
+            save_model_files(model, folder)
+        else:
+            save_adapter(model, self.lora, folder, base_model=str(Path(self.base).resolve()) if self.base else None)
+            if isinstance(model, PooledHead):
+                write_head_record(model, folder)
+        self.tokenizer.save(folder)
+
+    def load(self, model: nn.Module, folder: Path) -> None:
+        if self.lora is None:
+            load_model_files(model, folder)
+            return
+        path = folder / ADAPTER_WEIGHTS
+        load_checked(lora_state_dict(model, self.lora.train_modules), read_tensors(path), path,
+                     hint="resume with the lora settings it was trained with")
+
+    def export_merged(self, model: nn.Module, folder: Path) -> None:
+        """Fold the adapters into the weights (in place) and write the merged model into `folder`."""
+        save_model_files(merge_lora(model), folder)
+        self.tokenizer.save(folder)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    """How a training verb ended: the loop's result and, for classifiers, the final scores."""
+
+    train: TrainResult
+    eval_report: ClassificationReport | None = None  # classify: the final scores on the evaluation split
+
+    def summary(self) -> str:
+        """`done: N steps, checkpoint in DIR (eval_loss 1.2345, ...)`: the line every verb ends with."""
+        final = self.train.final_eval or {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+        return f"done: {self.train.step} steps, checkpoint in {self.train.out_dir}" + (f" ({shown})" if shown else "")
+
+
+def fit(model: nn.Module, objective: Objective, loader: Loader, io: RunIO, cfg: TrainConfig, out_dir: Path, *,
+        info: DistInfo, make_eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None = None,
+        progress: bool = False, callbacks: Sequence[Callback] = (), merge: bool = False) -> TrainResult:
+    """Run the one loop with this run's checkpoint functions and, if asked, a progress bar; merge LoRA at the end."""
+    cbs = [*callbacks, *([ProgressBar(cfg.steps)] if progress else [])]
+    result = train(model, objective, loader, cfg, out_dir, make_eval_batches=make_eval_batches, save_model=io.save,
+                   load_model=io.load, callbacks=cbs, dist_info=info)
+    if io.lora is not None and merge and info.is_main:
+        io.export_merged(model, out_dir)
+    return result
+
+
+# ---------------------------------------------------------------- adapters after training
+
+
+def merged_model(base: str | Path, adapter: str | Path) -> nn.Module:
+    """The base model (with the adapter's head, if it has one) with the adapter loaded and merged."""
+    read_adapter_config(adapter)  # a clear error before the base is loaded
+    model, _ = load_model(base)
+    spec = read_head_record(adapter)
+    if spec is not None:
+        model = build_head(model, spec)
+    load_adapter(model, adapter)
+    return merge_lora(model)
+
+
+def adapter_base(folder: Path) -> str:
+    """The base recorded in an adapter folder's adapter_config.json."""
+    base = read_adapter_config(folder)[1].get("base_model")
+    if not base:
+        raise LmforgeError(f"{folder} holds an adapter without a recorded base; merge it with `lmforge lora merge BASE {folder}`")
+    return base
+
+
+def is_adapter_only(folder: Path) -> bool:
+    """True for a LoRA run folder without merged weights (`finetune.merge: false`, or a mid-run checkpoint)."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "model.safetensors").is_file()
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, hf: bool = False) -> nn.Module:
+    """Merge a saved adapter into its base and write the result (lmforge format, or HF with `hf`) to `out`."""
+    model = merged_model(base, adapter)
+    out = Path(out)
+    if hf and isinstance(model, PooledHead):
+        raise LmforgeError(f"{adapter} adapts a classification head, which exports in lmforge format only; drop --hf")
+    if hf:
+        save_hf(model, out)
+    else:
+        save_model_files(model, out)
+    tokenizer_dir = next((d for d in (Path(adapter), Path(base)) if (d / "tokenizer.json").is_file()), None)
+    if tokenizer_dir is not None:
+        Tokenizer.from_dir(tokenizer_dir).save(out)
+    return model
+
+
+__all__ = [
+    "RENAMED_KEYS",
+    "FinetuneConfig",
+    "HeadConfig",
+    "RunIO",
+    "RunResult",
+    "adapter_base",
+    "apply_adapters",
+    "fit",
+    "is_adapter_only",
+    "load_base",
+    "merge_adapter",
+    "merged_model",
+    "out_dir_of",
+    "read_recipe",
+    "renamed",
+    "seeded",
+]
