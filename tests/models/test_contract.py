@@ -8,7 +8,6 @@ from torch.testing import assert_close
 
 from lmforge.checkpoint import load_model, save_native
 from lmforge.config import PRESETS, preset
-from lmforge.models import build_model
 from lmforge.models import KVCache, build_model
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
