@@ -2,7 +2,7 @@
 
 A route turns its request into a `Generation` with `plan`, then `respond` submits it to the
 scheduler and answers with a stream of server-sent events or one JSON body, shaped by a
-`Renderer` (`ChatRenderer`, `CompletionRenderer` in `app.py`).
+`Renderer` (`renderers.py`).
 
 Design choices:
 - **Text lives here and in the renderers.** The scheduler and engine see token ids; each choice
