@@ -16,7 +16,7 @@ Design choices:
   the server cap) for chat.
 - **One core is left to the event loop**: `run_server` gives torch one thread fewer than the
   machine has cores (unless OMP_NUM_THREADS or `threads` says otherwise). With torch spinning on
-  every core the loop that streams tokens starves; on 2 cores that cost 4-7x in throughput.
+  every core the loop that streams tokens starves; `benchmarks/serve_load.py` shows the cost.
 - Completions follow vLLM where OpenAI is silent: string prompts get the tokenizer's special
   tokens (BOS) and `max_tokens=0` only scores (with `echo` and `logprobs`).
 """
@@ -330,7 +330,7 @@ def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8
     server starts listening, and the model loads in the background while /health answers 503.
     `threads` sets torch's intra-op threads; by default (unless OMP_NUM_THREADS is set) one core is
     left to the HTTP event loop: when torch's threads spin on every core, the loop that streams the
-    tokens waits for them, and on 2 cores throughput drops several-fold.
+    tokens waits for them (`benchmarks/serve_load.py` measures the throughput).
     """
     folder = Path(model_path)
     if not folder.is_dir():

@@ -10,8 +10,8 @@ Design choices:
   never uses 422), 401 missing or wrong key, 404 unknown model (OpenAI's `model_not_found`) or
   route, 413 body too large, 429 queue full (with Retry-After), 503 while the model loads.
 - **Ranges in `protocol.py`, caps here.** The field constraints of the request models hold
-  OpenAI's documented ranges; the checks below hold what depends on the server: the operator's
-  `Settings`, the vocabulary and the context window.
+  OpenAI's documented ranges; the checks below (and `streaming.plan`, which calls them) hold
+  what depends on the server: the operator's `Settings`, the vocabulary and the context window.
 - **Defaults follow OpenAI**: temperature 1. With `seed` and `n > 1`, choice j uses `seed + j`,
   so the choices differ and the whole answer is reproducible.
 """
