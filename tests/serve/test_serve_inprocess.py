@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from lmforge.api import LM
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token
-from lmforge.serve.app import Settings, create_app
+from lmforge.serve.app import create_app
 from lmforge.serve.metrics import Counter, Histogram, ServerMetrics
 from lmforge.serve.scheduler import QueueFull, Scheduler
+from lmforge.serve.state import Settings
 
 
 def test_health_is_503_while_the_model_loads(local_lm: LM) -> None:

@@ -2,225 +2,83 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both stream as
 server-sent events), `POST /v1/embeddings`, `POST /tokenize`, `POST /detokenize`, `GET /health`,
-`GET /metrics`, and the chat page at `/`.
+`GET /metrics`, and the chat page at `/`. A route reads its request (`errors.py`), plans the
+generation and streams it (`streaming.py`), and shapes the answer (`renderers.py`).
 
 Design choices:
-- **Text lives here.** The scheduler and engine see token ids; this module renders chat
-  templates, tokenizes prompts, turns tokens into text with `TextStream` (UTF-8 safe, stop
-  strings held back until they cannot match) and shapes OpenAI responses. A choice that hits a
-  stop string is cancelled in the scheduler at once.
-- **The body is read and parsed by hand**, not by FastAPI: the size cap is enforced on
-  Content-Length and again while reading, and pydantic's JSON parser tells malformed JSON (400
-  `invalid_json`) from a schema violation (400 naming the field). Every error, including 404 for
-  an unknown route and the catch-all for bugs, has OpenAI's shape
-  `{"error": {"message", "type", "param", "code"}}`; a traceback never reaches a client.
-- **Statuses**: 400 bad input (OpenAI and vLLM answer schema violations with 400, so this server
-  never uses 422), 401 missing or wrong key, 404 unknown model (OpenAI's `model_not_found`) or
-  route, 413 body too large, 429 queue full (with Retry-After), 503 while the model loads.
+- **Prompts become tokens here**: the routes render chat templates and tokenize prompts; the
+  scheduler and engine see token ids only.
+- **Every route but the page and /health needs the key** when the server has one
+  (`Authorization: Bearer KEY`, compared in constant time).
 - **The model loads after the server listens**: a background thread loads it while `/health`
   answers 503, then starts the scheduler; a failed load stops the server with the reason.
-- **Disconnects cancel work**: a streamed response is cancelled by Starlette when the client
-  goes away and a non-streamed one watches `http.disconnect`; either way the sequences leave
-  their slots before the next decode step.
-- **Defaults follow OpenAI**: temperature 1, `max_tokens` 16 for completions and the rest of the
-  context (up to the server cap) for chat. With `seed` and `n > 1`, choice j uses `seed + j`,
-  so the choices differ and the whole answer is reproducible. `usage` counts the prompt once per
-  prompt and every token generated until the choice finished (the end-of-turn token included).
+- **Defaults follow OpenAI**: `max_tokens` 16 for completions and the rest of the context (up to
+  the server cap) for chat.
 - **One core is left to the event loop**: `run_server` gives torch one thread fewer than the
   machine has cores (unless OMP_NUM_THREADS or `threads` says otherwise). With torch spinning on
-  every core the loop that streams tokens starves; on 2 cores that cost 4-7x in throughput.
+  every core the loop that streams tokens starves; `benchmarks/serve_load.py` shows the cost.
 - Completions follow vLLM where OpenAI is silent: string prompts get the tokenizer's special
-  tokens (BOS), `echo` with `logprobs` scores the prompt (first token null), `top_logprobs`
-  entries hold the k most likely tokens and the chosen one, and `max_tokens=0` only scores.
+  tokens (BOS) and `max_tokens=0` only scores (with `echo` and `logprobs`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hmac
 import logging
 import os
 import socket
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from torch import Tensor
+from fastapi.responses import Response
 
-from lmforge.api import LM, TextStream, load
+from lmforge.api import LM, load
 from lmforge.errors import LmforgeError
-from lmforge.generate.engine import Engine, Token
+from lmforge.generate.engine import Engine
 from lmforge.generate.engine import Request as EngineRequest
-from lmforge.generate.sampling import InvalidSamplingParams, SamplingParams
+from lmforge.serve.errors import (
+    ApiError,
+    add_error_handlers,
+    bad_request,
+    check_token_ids,
+    json_response,
+    max_new_tokens,
+    read_request,
+    require_ready,
+    require_tokenizer,
+)
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatLogprobs,
     ChatMessage,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    Delta,
     DetokenizeRequest,
     DetokenizeResponse,
     Embedding,
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
-    ErrorDetail,
-    ErrorResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
     TokenizeRequest,
     TokenizeResponse,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-    now,
 )
-from lmforge.serve.scheduler import QueueFull, Scheduler, Stream, score_prompt
+from lmforge.serve.renderers import ChatRenderer, CompletionRenderer, encode_vector
+from lmforge.serve.scheduler import Scheduler
+from lmforge.serve.state import Loaded, ServerState, Settings, server_state
+from lmforge.serve.streaming import plan, prompt_echoes, respond
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-B = TypeVar("B", bound=BaseModel)
-MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI; each costs a little on every decode step
-LogprobEntry = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its log-prob, the top ones
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the operator decides: the served name, the key, and every cap on a request."""
-
-    model_name: str = "lmforge"
-    api_key: str | None = None  # None: no authentication
-    n_slots: int = 16  # sequences decoded together
-    max_queue: int = 64  # sequences waiting for a slot before 429
-    max_tokens: int = 2048  # cap on max_tokens per request
-    max_n: int = 8  # cap on n
-    max_body_bytes: int = 1 << 20
-    max_stop: int = 4  # stop strings per request (OpenAI's limit)
-    max_stop_chars: int = 256  # characters per stop string
-    max_embedding_inputs: int = 2048  # texts per embeddings request (OpenAI's limit)
-    embedding_batch: int = 32  # texts embedded per forward pass
-    stats_every: float = 10.0  # seconds between stats log lines while busy
-
-    def __post_init__(self) -> None:
-        for name in ("n_slots", "max_tokens", "max_n", "max_body_bytes", "max_stop_chars", "embedding_batch"):
-            if getattr(self, name) < 1:
-                raise LmforgeError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise LmforgeError(f"max_queue must be >= 0, got {self.max_queue}")
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with `status`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
-
-
-def _bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _error_response(err: ApiError) -> Response:
-    return Response(err.body().model_dump_json(), status_code=err.status, headers=err.headers,
-                    media_type="application/json")
-
-
-async def _on_api_error(request: Request, err: Exception) -> Response:
-    assert isinstance(err, ApiError)
-    return _error_response(err)
-
-
-async def _on_http_error(request: Request, err: Exception) -> Response:
-    assert isinstance(err, StarletteHTTPException)
-    kind = "not_found" if err.status_code == 404 else "invalid_request_error"
-    message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
-    return _error_response(ApiError(err.status_code, message, type=kind, headers=dict(err.headers or {})))
-
-
-async def _on_validation_error(request: Request, err: Exception) -> Response:
-    return _error_response(_bad_request(f"invalid request: {err}"))
-
-
-async def _on_bug(request: Request, err: Exception) -> Response:
-    # Starlette re-raises the error after this answer, so the server log gets its traceback once
-    log.error("unexpected error on %s %s: %r", request.method, request.url.path, err)
-    return _error_response(ApiError(500, "internal server error (logged on the server)", type="server_error"))
-
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclass
-class Loaded:
-    """The model once it is ready, with the scheduler that owns it."""
-
-    lm: LM
-    scheduler: Scheduler
-    max_len: int  # longest sequence (prompt + generated) a slot holds
-    created: int = field(default_factory=now)
-
-
-@dataclass
-class ServerState:
-    settings: Settings
-    metrics: ServerMetrics
-    page: bytes
-    loaded: Loaded | None = None
-    load_error: str | None = None
-    closing: bool = False
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.lmforge
-
-
-def _ready(request: Request) -> tuple[ServerState, Loaded]:
-    state = _state(request)
-    if state.loaded is None:
-        message = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
-        raise ApiError(503, message, type="service_unavailable", code="model_not_ready", headers={"Retry-After": "1"})
-    return state, state.loaded
-
-
-def _tokenizer(loaded: Loaded) -> Tokenizer:
-    if loaded.lm.tokenizer is None:
-        raise _bad_request("this model folder has no tokenizer.json, so the server cannot read or write text")
-    return loaded.lm.tokenizer
 
 
 # ----------------------------------------------------------------------------- the app
@@ -237,10 +95,7 @@ def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, *,
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=partial(_lifespan, state, lm, on_ready, on_load_error))
     app.state.lmforge = state
-    app.add_exception_handler(ApiError, _on_api_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(Exception, _on_bug)
+    add_error_handlers(app)
     open_routes = [("/", chat_page, "GET"), ("/health", health, "GET")]
     keyed_routes = [
         ("/metrics", metrics, "GET"),
@@ -304,78 +159,18 @@ def _install(state: ServerState, lm: LM, on_ready: Callable[[LM, int], None] | N
         on_ready(lm, max_len)
 
 
-# ----------------------------------------------------------------------------- request plumbing
+# ----------------------------------------------------------------------------- keys and simple routes
 
 
 def _authorize(request: Request) -> None:
     """Require `Authorization: Bearer KEY` when the server has a key (constant-time comparison)."""
-    key = _state(request).settings.api_key
+    key = server_state(request).settings.api_key
     if key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise _bad_request(f"Content-Length must be a number of bytes, got {declared!r:.40}")
-        if int(declared) > limit:
-            raise _too_large(limit, f"{int(declared)} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # also counted: a body sent without Content-Length (chunked)
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, f"more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int, size: str) -> ApiError:
-    return ApiError(413, f"the request body has {size}; this server accepts at most {limit} (--max-body-bytes)",
-                    code="request_too_large")
-
-
-async def _parse(request: Request, model: type[B], settings: Settings) -> B:
-    raw = await _read_body(request, settings.max_body_bytes)
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as err:
-        raise _validation_problem(err) from None
-
-
-def _validation_problem(err: ValidationError) -> ApiError:
-    problems = err.errors(include_url=False, include_input=False)
-    first = problems[0]
-    if first["type"] == "json_invalid":
-        return _bad_request(f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
-    where = ".".join(str(part) for part in first["loc"])
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    message = f"invalid request: {where + ': ' if where else ''}{first['msg']}{more}"
-    return _bad_request(message, param=str(first["loc"][0]) if first["loc"] else None)
-
-
-def _check_model(name: str | None, settings: Settings) -> None:
-    if name is not None and name != settings.model_name:
-        raise ApiError(404, f"the model {name!r:.100} does not exist; this server serves {settings.model_name!r}",
-                       param="model", code="model_not_found")
-
-
-def _check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = next((i for i in ids if i >= vocab_size), None)
-    if bad is not None:
-        raise _bad_request(f"token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})", param)
-
-
-def _json(body: BaseModel) -> Response:
-    return Response(body.model_dump_json(), media_type="application/json")
-
-
-# ----------------------------------------------------------------------------- simple routes
 
 
 async def chat_page(request: Request) -> Response:
@@ -387,348 +182,71 @@ async def chat_page(request: Request) -> Response:
         "Referrer-Policy": "no-referrer",
         "Cache-Control": "no-cache",
     }
-    return Response(_state(request).page, media_type="text/html; charset=utf-8", headers=headers)
+    return Response(server_state(request).page, media_type="text/html; charset=utf-8", headers=headers)
 
 
 async def health(request: Request) -> Response:
-    _ready(request)
+    require_ready(request)
     return Response('{"status":"ok"}', media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(server_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def list_models(request: Request) -> Response:
-    state, loaded = _ready(request)
+    state, loaded = require_ready(request)
     card = ModelCard(id=state.settings.model_name, created=loaded.created, max_model_len=loaded.max_len)
-    return _json(ModelList(data=[card]))
+    return json_response(ModelList(data=[card]))
 
 
 async def tokenize(request: Request) -> Response:
-    state, loaded = _ready(request)
-    body = await _parse(request, TokenizeRequest, state.settings)
-    _check_model(body.model, state.settings)
-    tok = _tokenizer(loaded)
+    _, loaded, body = await read_request(request, TokenizeRequest)
+    tok = require_tokenizer(loaded)
     if (body.prompt is None) == (body.messages is None):
-        raise _bad_request("give either 'prompt' (text) or 'messages' (a conversation), not both or neither")
+        raise bad_request("give either 'prompt' (text) or 'messages' (a conversation), not both or neither")
     if body.messages is not None:
         ids = _chat_prompt(tok, body.messages, body.add_generation_prompt)
     else:
         ids = tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-    return _json(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=loaded.max_len))
+    return json_response(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=loaded.max_len))
 
 
 async def detokenize(request: Request) -> Response:
-    state, loaded = _ready(request)
-    body = await _parse(request, DetokenizeRequest, state.settings)
-    _check_model(body.model, state.settings)
-    _check_token_ids(body.tokens, loaded.lm.config.vocab_size, "tokens")
-    return _json(DetokenizeResponse(prompt=_tokenizer(loaded).decode(body.tokens)))
+    _, loaded, body = await read_request(request, DetokenizeRequest)
+    check_token_ids(body.tokens, loaded.lm.config.vocab_size, "tokens")
+    return json_response(DetokenizeResponse(prompt=require_tokenizer(loaded).decode(body.tokens)))
 
 
 async def embeddings(request: Request) -> Response:
     """Mean-pooled, L2-normalised final hidden states (`LM.embed`), for encoders and decoders alike."""
-    state, loaded = _ready(request)
+    state, loaded, body = await read_request(request, EmbeddingRequest)
     settings = state.settings
-    body = await _parse(request, EmbeddingRequest, settings)
-    _check_model(body.model, settings)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:
-        raise _bad_request("input is empty; give a text or a list of texts", "input")
+        raise bad_request("input is empty; give a text or a list of texts", "input")
     if not all(isinstance(t, str) for t in texts):
-        raise _bad_request("token-id inputs are not supported for embeddings; send the text", "input")
+        raise bad_request("token-id inputs are not supported for embeddings; send the text", "input")
     if len(texts) > settings.max_embedding_inputs:
-        raise _bad_request(f"input has {len(texts)} texts; at most {settings.max_embedding_inputs} per request", "input")
+        raise bad_request(f"input has {len(texts)} texts; at most {settings.max_embedding_inputs} per request", "input")
     dim = loaded.lm.config.dim
     if body.dimensions is not None and body.dimensions != dim:
-        raise _bad_request(f"dimensions={body.dimensions} is not supported; this model's embeddings have {dim}",
-                           "dimensions")
-    tok, limit = _tokenizer(loaded), loaded.lm.config.max_seq_len
+        raise bad_request(f"dimensions={body.dimensions} is not supported; this model's embeddings have {dim}",
+                          "dimensions")
+    tok, limit = require_tokenizer(loaded), loaded.lm.config.max_seq_len
     counts = [max(len(tok.encode(t, add_special_tokens=True)), 1) for t in texts]  # type: ignore[arg-type]
     too_long = next((i for i, c in enumerate(counts) if c > limit), None)
     if too_long is not None:
-        raise _bad_request(f"input {too_long} has {counts[too_long]} tokens but the context window holds {limit}",
-                           "input")
+        raise bad_request(f"input {too_long} has {counts[too_long]} tokens but the context window holds {limit}",
+                          "input")
     data: list[Embedding] = []
     for start in range(0, len(texts), settings.embedding_batch):
         batch = texts[start:start + settings.embedding_batch]
         vectors = await loaded.scheduler.call(partial(loaded.lm.embed, batch))  # (batch, dim)
         for row in vectors.float().cpu():
-            data.append(Embedding(index=len(data), embedding=_encode_vector(row, body.encoding_format)))
+            data.append(Embedding(index=len(data), embedding=encode_vector(row, body.encoding_format)))
     usage = EmbeddingUsage(prompt_tokens=sum(counts), total_tokens=sum(counts))
-    return _json(EmbeddingList(data=data, model=settings.model_name, usage=usage))
-
-
-def _encode_vector(row: Tensor, encoding: str) -> list[float] | str:
-    if encoding == "base64":  # little-endian float32, what the openai client decodes
-        return base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii")
-    return row.tolist()
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass(eq=False)
-class Choice:
-    """One choice being generated: its text so far, the tokens behind it, and what was streamed."""
-
-    index: int
-    text: TextStream
-    output: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float | None] = field(default_factory=list)
-    tops: list[list[tuple[int, float]] | None] = field(default_factory=list)
-    finish_reason: str | None = None
-    sent_chars: int = 0  # characters of `output` already streamed
-    sent_tokens: int = 0  # tokens whose log-probs were already streamed
-    closed: bool = False  # the chunk with the finish reason went out
-    offset: int = 0  # text offset of the next token (completions logprobs)
-
-    def feed(self, token: Token) -> None:
-        self.tokens.append(token.token)
-        self.logprobs.append(token.logprob)
-        self.tops.append(token.top_logprobs)
-        self.output += self.text.push(token.token)
-        if self.text.stopped:
-            self.finish_reason = "stop"
-        elif token.finish_reason is not None:
-            self.output += self.text.flush()
-            self.finish_reason = token.finish_reason
-
-    def unsent(self) -> tuple[str, list[LogprobEntry], str | None]:
-        """Text, token entries and finish reason not streamed yet; marks them streamed."""
-        text = self.output[self.sent_chars:]
-        entries = list(zip(self.tokens, self.logprobs, self.tops))[self.sent_tokens:]
-        finish = None if self.closed else self.finish_reason
-        self.sent_chars, self.sent_tokens, self.closed = len(self.output), len(self.tokens), self.finish_reason is not None
-        return text, entries, finish
-
-
-@dataclass
-class Generation:
-    """A validated generation request: one engine request per choice (choice i = prompt i // n)."""
-
-    prompts: list[list[int]]
-    requests: list[EngineRequest]
-    choices: list[Choice]
-    logprobs: int | None  # top log-probs per token; None = no log-probs
-    stream: bool
-    include_usage: bool
-    started: float
-
-    def usage(self) -> Usage:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(len(c.tokens) for c in self.choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-class Renderer(Protocol):
-    """Shapes a generation as one endpoint's response, streamed chunk by chunk or whole."""
-
-    def opening(self) -> list[BaseModel]: ...
-    def chunk(self, choice: Choice) -> BaseModel | None: ...
-    def usage_chunk(self) -> BaseModel: ...
-    def full(self) -> BaseModel: ...
-
-
-def _plan(state: ServerState, loaded: Loaded, body: SamplingFields, prompts: list[list[int]], *,
-          max_new_tokens: int, logprobs: int | None, prompt_param: str, started: float) -> Generation:
-    """Check a request against the server's caps and turn it into engine requests."""
-    settings, tok = state.settings, _tokenizer(loaded)
-    if loaded.lm.config.kind != "decoder":
-        raise _bad_request("this model is an encoder (BERT-style); it serves /v1/embeddings, not generation")
-    if body.n > settings.max_n:
-        raise _bad_request(f"n is {body.n} but this server allows at most {settings.max_n} (--max-n)", "n")
-    sequences = len(prompts) * body.n
-    if sequences > loaded.scheduler.capacity:
-        raise _bad_request(f"this request needs {sequences} sequences (prompts x n) but the server holds at most "
-                           f"{loaded.scheduler.capacity} at once; send fewer prompts or a smaller n", prompt_param)
-    stop = _stop_strings(body.stop, settings)
-    if logprobs is not None:
-        logprobs = min(logprobs, loaded.lm.config.vocab_size)
-    for ids in prompts:
-        _check_token_ids(ids, loaded.lm.config.vocab_size, prompt_param)
-        _check_fits(ids, loaded.max_len, max_new_tokens, prompt_param)
-    requests = [loaded.lm.request(ids, max_new_tokens, _sampling(body, j, loaded.lm.config.vocab_size),
-                                  logprobs=logprobs)
-                for ids in prompts for j in range(body.n)] if max_new_tokens > 0 else []
-    choices = [Choice(i, TextStream(tok, stop)) for i in range(sequences)]
-    for choice in choices if max_new_tokens == 0 else []:
-        choice.finish_reason = "length"
-    include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
-    return Generation(prompts, requests, choices, logprobs, body.stream, include_usage, started)
-
-
-def _check_fits(ids: list[int], max_len: int, max_new_tokens: int, param: str) -> None:
-    if not ids:
-        raise _bad_request("the prompt is empty; give at least one token", param)
-    limit = max_len if max_new_tokens == 0 else max_len - 1  # room for one generated token
-    if len(ids) > limit:
-        raise _bad_request(f"the prompt has {len(ids)} tokens but the context window holds {max_len} "
-                           f"(at most {limit} prompt tokens here); shorten the prompt", param,
-                           code="context_length_exceeded")
-
-
-def _stop_strings(stop: str | list[str] | None, settings: Settings) -> list[str]:
-    items = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(items) > settings.max_stop:
-        raise _bad_request(f"stop has {len(items)} strings; at most {settings.max_stop}", "stop")
-    if any(len(s) > settings.max_stop_chars for s in items):
-        raise _bad_request(f"stop strings may have at most {settings.max_stop_chars} characters", "stop")
-    return [s for s in items if s]
-
-
-def _sampling(body: SamplingFields, offset: int, vocab_size: int) -> SamplingParams:
-    """Sampling for choice `offset` of the request (seeded `seed + offset` when a seed is given)."""
-    try:
-        return SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=min(max(body.top_k or 0, 0), vocab_size),  # k >= the vocabulary keeps every token
-            top_p=1.0 if body.top_p is None else body.top_p,
-            min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=_logit_bias(body.logit_bias, vocab_size),
-            seed=None if body.seed is None else body.seed + offset,
-        )
-    except InvalidSamplingParams as err:
-        raise _bad_request(str(err), str(err).split(" ", 1)[0]) from None
-
-
-def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
-    if not bias:
-        return None
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise _bad_request(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
-    if not all(key.isascii() and key.isdigit() and int(key) < vocab_size for key in bias):
-        raise _bad_request(f"logit_bias keys must be token ids between 0 and {vocab_size - 1}", "logit_bias")
-    return {int(key): value for key, value in bias.items()}
-
-
-def _max_new_tokens(requested: int | None, default: int, settings: Settings, param: str) -> int:
-    if requested is None:
-        return max(min(default, settings.max_tokens), 0)
-    if requested > settings.max_tokens:
-        raise _bad_request(f"{param} is {requested} but this server allows at most {settings.max_tokens} "
-                           "(--max-tokens)", param)
-    return requested
-
-
-async def _respond(request: Request, state: ServerState, loaded: Loaded, gen: Generation,
-                   renderer: Renderer) -> Response:
-    """Submit the generation and answer with a stream of server-sent events or one JSON body."""
-    stream = _submit(loaded.scheduler, gen)
-    if gen.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        events = _events(state, loaded, gen, stream, renderer)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    try:
-        finished = await _collect(request, loaded, gen, stream)
-    finally:
-        state.metrics.e2e.observe(time.perf_counter() - gen.started)
-    if not finished:
-        return Response(status_code=499)  # the client closed the connection; nobody reads this
-    return _json(renderer.full())
-
-
-def _submit(scheduler: Scheduler, gen: Generation) -> Stream | None:
-    if not gen.requests:
-        return None
-    try:
-        return scheduler.submit(gen.requests)
-    except QueueFull as err:
-        raise ApiError(429, str(err), type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(err.retry_after)}) from None
-
-
-async def _token_groups(loaded: Loaded, gen: Generation, stream: Stream | None) -> AsyncIterator[list[Choice]]:
-    """Feed the scheduler's tokens into the choices until all finish; yield the choices each wake-up touched."""
-    while stream is not None and any(c.finish_reason is None for c in gen.choices):
-        items = [await stream.queue.get()]
-        while not stream.queue.empty():
-            items.append(stream.queue.get_nowait())
-        touched: dict[int, Choice] = {}
-        for item in items:
-            if isinstance(item, BaseException):
-                raise ApiError(500, str(item), type="server_error")
-            for index, token in item:
-                choice = gen.choices[index]
-                if choice.finish_reason is not None:  # tokens decoded before a stop-string cancel landed
-                    continue
-                choice.feed(token)
-                touched[index] = choice
-                if choice.text.stopped:
-                    loaded.scheduler.cancel(stream, index)
-        yield list(touched.values())
-
-
-def _release(loaded: Loaded, gen: Generation, stream: Stream | None) -> None:
-    if stream is not None and any(c.finish_reason is None for c in gen.choices):
-        loaded.scheduler.cancel(stream)
-
-
-async def _collect(request: Request, loaded: Loaded, gen: Generation, stream: Stream | None) -> bool:
-    """Generate to the end; False when the client disconnected first (its sequences are then cancelled)."""
-
-    async def consume() -> None:
-        async for _ in _token_groups(loaded, gen, stream):
-            pass
-
-    work = asyncio.ensure_future(consume())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            work.result()
-            return True
-        return False
-    finally:
-        work.cancel()
-        gone.cancel()
-        _release(loaded, gen, stream)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _sse(chunk: BaseModel, include_usage: bool = True) -> str:
-    return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
-
-
-async def _events(state: ServerState, loaded: Loaded, gen: Generation, stream: Stream | None,
-                  renderer: Renderer) -> AsyncIterator[str]:
-    """The server-sent events of a streamed response; Starlette cancels this when the client leaves."""
-    try:
-        for chunk in renderer.opening():
-            yield _sse(chunk, gen.include_usage)
-        async for touched in _token_groups(loaded, gen, stream):
-            for choice in touched:
-                chunk = renderer.chunk(choice)
-                if chunk is not None:
-                    yield _sse(chunk, gen.include_usage)
-        for choice in gen.choices:  # choices that finished without a token (max_tokens=0)
-            chunk = renderer.chunk(choice)
-            if chunk is not None:
-                yield _sse(chunk, gen.include_usage)
-        if gen.include_usage:
-            yield _sse(renderer.usage_chunk())
-    except ApiError as err:
-        yield f"data: {err.body().model_dump_json()}\n\n"
-    except Exception as err:
-        log.exception("streamed response failed", exc_info=err)
-        yield f"data: {ApiError(500, 'internal server error', type='server_error').body().model_dump_json()}\n\n"
-    finally:
-        _release(loaded, gen, stream)
-        state.metrics.e2e.observe(time.perf_counter() - gen.started)
-    yield "data: [DONE]\n\n"
-
-
-def _token_text(tok: Tokenizer, token: int) -> str:
-    return tok.decode([token])
+    return json_response(EmbeddingList(data=data, model=settings.model_name, usage=usage))
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -736,23 +254,21 @@ def _token_text(tok: Tokenizer, token: int) -> str:
 
 async def chat_completions(request: Request) -> Response:
     started = time.perf_counter()
-    state, loaded = _ready(request)
-    body = await _parse(request, ChatCompletionRequest, state.settings)
-    _check_model(body.model, state.settings)
+    state, loaded, body = await read_request(request, ChatCompletionRequest)
     if body.tools:
-        raise _bad_request("tools (function calling) are not supported by this server", "tools")
+        raise bad_request("tools (function calling) are not supported by this server", "tools")
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise _bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
-        raise _bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    ids = _chat_prompt(_tokenizer(loaded), body.messages, add_generation_prompt=True)
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    ids = _chat_prompt(require_tokenizer(loaded), body.messages, add_generation_prompt=True)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_new = _max_new_tokens(requested, max(loaded.max_len - len(ids), 1), state.settings, param)
+    max_new = max_new_tokens(requested, max(loaded.max_len - len(ids), 1), state.settings, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    gen = _plan(state, loaded, body, [ids], max_new_tokens=max_new, logprobs=logprobs, prompt_param="messages",
-                started=started)
-    return await _respond(request, state, loaded, gen, ChatRenderer(state, loaded, gen))
+    gen = plan(state, loaded, body, [ids], max_new_tokens=max_new, logprobs=logprobs, prompt_param="messages",
+               started=started)
+    return await respond(request, state, loaded, gen, ChatRenderer(state, loaded, gen))
 
 
 def _chat_prompt(tok: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
@@ -766,82 +282,26 @@ def _chat_prompt(tok: Tokenizer, messages: list[ChatMessage], add_generation_pro
     try:
         return tok.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
     except LmforgeError as err:
-        raise _bad_request(str(err), "messages") from None
-
-
-class ChatRenderer:
-    """`chat.completion` and `chat.completion.chunk` bodies."""
-
-    def __init__(self, state: ServerState, loaded: Loaded, gen: Generation) -> None:
-        self.gen, self.tok, self.model = gen, _tokenizer(loaded), state.settings.model_name
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", now()
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-
-    def opening(self) -> list[BaseModel]:
-        return [self._chunk([ChatChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))])
-                for c in self.gen.choices]
-
-    def chunk(self, choice: Choice) -> BaseModel | None:
-        text, entries, finish = choice.unsent()
-        logprobs = self._logprobs(entries) if self.gen.logprobs is not None and entries else None
-        if not text and logprobs is None and finish is None:
-            return None
-        delta = Delta(content=text) if text else Delta()
-        return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=finish)])
-
-    def usage_chunk(self) -> BaseModel:
-        return self._chunk([], self.gen.usage())
-
-    def full(self) -> BaseModel:
-        choices = [
-            ChatChoice(index=c.index, message=AssistantMessage(content=c.output), finish_reason=c.finish_reason,
-                       logprobs=self._logprobs(list(zip(c.tokens, c.logprobs, c.tops)))
-                       if self.gen.logprobs is not None else None)
-            for c in self.gen.choices
-        ]
-        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
-                              usage=self.gen.usage())
-
-    def _logprobs(self, entries: list[LogprobEntry]) -> ChatLogprobs:
-        content = []
-        for token, logprob, tops in entries:
-            text = _token_text(self.tok, token)
-            top = [TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
-                   for t, v in ((_token_text(self.tok, i), v) for i, v in tops or [])]
-            content.append(TokenLogprob(token=text, logprob=logprob if logprob is not None else 0.0,
-                                        bytes=list(text.encode()), top_logprobs=top))
-        return ChatLogprobs(content=content)
+        raise bad_request(str(err), "messages") from None
 
 
 # ----------------------------------------------------------------------------- text completions
 
 
-@dataclass
-class Echo:
-    """A prompt repeated in front of its completion, with its tokens' log-probs when asked."""
-
-    text: str
-    entries: list[LogprobEntry]
-
-
 async def completions(request: Request) -> Response:
     started = time.perf_counter()
-    state, loaded = _ready(request)
-    body = await _parse(request, CompletionRequest, state.settings)
-    _check_model(body.model, state.settings)
+    state, loaded, body = await read_request(request, CompletionRequest)
     if body.suffix:
-        raise _bad_request("suffix (insertion) is not supported by this server", "suffix")
+        raise bad_request("suffix (insertion) is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:
-        raise _bad_request("best_of is not supported (only best_of = n)", "best_of")
-    tok = _tokenizer(loaded)
+        raise bad_request("best_of is not supported (only best_of = n)", "best_of")
+    tok = require_tokenizer(loaded)
     prompts, texts = _completion_prompts(tok, body.prompt)
-    max_new = _max_new_tokens(body.max_tokens, 16, state.settings, "max_tokens")
-    gen = _plan(state, loaded, body, prompts, max_new_tokens=max_new, logprobs=body.logprobs, prompt_param="prompt",
-                started=started)
-    echoes = await _echoes(loaded, prompts, texts, body.logprobs) if body.echo else None
-    return await _respond(request, state, loaded, gen, CompletionRenderer(state, loaded, gen, body.n, echoes))
+    max_new = max_new_tokens(body.max_tokens, 16, state.settings, "max_tokens")
+    gen = plan(state, loaded, body, prompts, max_new_tokens=max_new, logprobs=body.logprobs, prompt_param="prompt",
+               started=started)
+    echoes = await prompt_echoes(loaded, prompts, texts, body.logprobs) if body.echo else None
+    return await respond(request, state, loaded, gen, CompletionRenderer(state, loaded, gen, body.n, echoes))
 
 
 def _completion_prompts(tok: Tokenizer, prompt: str | list[Any]) -> tuple[list[list[int]], list[str | None]]:
@@ -849,102 +309,12 @@ def _completion_prompts(tok: Tokenizer, prompt: str | list[Any]) -> tuple[list[l
     if isinstance(prompt, str):
         return [tok.encode(prompt, add_special_tokens=True)], [prompt]
     if not prompt:
-        raise _bad_request("prompt is an empty list; give a text, texts, token ids or lists of token ids", "prompt")
+        raise bad_request("prompt is an empty list; give a text, texts, token ids or lists of token ids", "prompt")
     if isinstance(prompt[0], str):
         return [tok.encode(p, add_special_tokens=True) for p in prompt], list(prompt)
     if isinstance(prompt[0], int):
         return [list(prompt)], [None]
     return [list(p) for p in prompt], [None] * len(prompt)
-
-
-async def _echoes(loaded: Loaded, prompts: list[list[int]], texts: list[str | None],
-                  logprobs: int | None) -> list[Echo]:
-    tok, echoes = _tokenizer(loaded), []
-    for ids, text in zip(prompts, texts):
-        entries: list[LogprobEntry] = []
-        if logprobs is not None:
-            scored = await loaded.scheduler.call(partial(score_prompt, loaded.lm.model, ids, logprobs))
-            entries = [(ids[0], None, None)] + [(t, lp, top) for t, (lp, top) in zip(ids[1:], scored)]
-        echoes.append(Echo(text if text is not None else tok.decode(ids, skip_special_tokens=True), entries))
-    return echoes
-
-
-class CompletionRenderer:
-    """`text_completion` bodies, streamed or whole, with the legacy log-probs shape."""
-
-    def __init__(self, state: ServerState, loaded: Loaded, gen: Generation, n: int, echoes: list[Echo] | None) -> None:
-        self.gen, self.n, self.echoes = gen, n, echoes
-        self.tok, self.model = _tokenizer(loaded), state.settings.model_name
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", now()
-
-    def _echo(self, choice: Choice) -> Echo | None:
-        return self.echoes[choice.index // self.n] if self.echoes is not None else None
-
-    def _completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-
-    def opening(self) -> list[BaseModel]:
-        chunks: list[BaseModel] = []
-        for choice in self.gen.choices:
-            echo = self._echo(choice)
-            if echo is None:
-                continue
-            logprobs = self._logprobs(echo.entries, 0)[0] if self.gen.logprobs is not None else None
-            choice.offset = len(echo.text)
-            chunks.append(self._completion([CompletionChoice(index=choice.index, text=echo.text, logprobs=logprobs)]))
-        return chunks
-
-    def chunk(self, choice: Choice) -> BaseModel | None:
-        text, entries, finish = choice.unsent()
-        if not text and not (entries and self.gen.logprobs is not None) and finish is None:
-            return None
-        logprobs = None
-        if self.gen.logprobs is not None:
-            logprobs, choice.offset = self._logprobs(entries, choice.offset)
-        return self._completion([CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
-                                                  finish_reason=finish)])
-
-    def usage_chunk(self) -> BaseModel:
-        return self._completion([], self.gen.usage())
-
-    def full(self) -> BaseModel:
-        choices = []
-        for c in self.gen.choices:
-            echo = self._echo(c)
-            prefix = echo.text if echo is not None else ""
-            logprobs = None
-            if self.gen.logprobs is not None:
-                generated, _ = self._logprobs(list(zip(c.tokens, c.logprobs, c.tops)), len(prefix))
-                logprobs = _join_logprobs(self._logprobs(echo.entries, 0)[0], generated) if echo else generated
-            choices.append(CompletionChoice(index=c.index, text=prefix + c.output, logprobs=logprobs,
-                                            finish_reason=c.finish_reason))
-        return self._completion(choices, self.gen.usage())
-
-    def _logprobs(self, entries: list[LogprobEntry], offset: int) -> tuple[CompletionLogprobs, int]:
-        """The legacy shape for `entries`, the first at text offset `offset`; also the offset after them.
-        Offsets count the text each token adds to the answer: special tokens add none."""
-        out = CompletionLogprobs()
-        for token, logprob, tops in entries:
-            text = _token_text(self.tok, token)
-            out.tokens.append(text)
-            out.token_logprobs.append(logprob)
-            out.text_offset.append(offset)
-            if logprob is None:
-                out.top_logprobs.append(None)
-            else:
-                top: dict[str, float] = {}
-                for i, v in [*(tops or []), (token, logprob)]:  # most likely first: keep its value when texts collide
-                    top.setdefault(_token_text(self.tok, i), v)
-                out.top_logprobs.append(top)
-            offset += len(self.tok.decode([token], skip_special_tokens=True))
-        return out, offset
-
-
-def _join_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
-    return CompletionLogprobs(tokens=first.tokens + second.tokens,
-                              token_logprobs=first.token_logprobs + second.token_logprobs,
-                              top_logprobs=first.top_logprobs + second.top_logprobs,
-                              text_offset=first.text_offset + second.text_offset)
 
 
 # ----------------------------------------------------------------------------- running the server
@@ -960,7 +330,7 @@ def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8
     server starts listening, and the model loads in the background while /health answers 503.
     `threads` sets torch's intra-op threads; by default (unless OMP_NUM_THREADS is set) one core is
     left to the HTTP event loop: when torch's threads spin on every core, the loop that streams the
-    tokens waits for them, and on 2 cores throughput drops several-fold.
+    tokens waits for them (`benchmarks/serve_load.py` measures the throughput).
     """
     folder = Path(model_path)
     if not folder.is_dir():

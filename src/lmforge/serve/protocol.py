@@ -7,10 +7,10 @@ Design choices:
   clients that send `user`, `store` or `metadata` keep working; the few known fields that would
   change the answer and are not supported (`tools`, a non-text `response_format`, `suffix`,
   `best_of != n`) are declared so the app can refuse them by name.
-- **Ranges live here, server caps live in the app.** OpenAI's documented ranges (temperature
+- **Ranges live here, caps in the request checks.** OpenAI's documented ranges (temperature
   in [0, 2], top_p in (0, 1], penalties in [-2, 2], top_logprobs <= 20) are field constraints;
   the limits an operator sets (`max_tokens`, `n`, queue length) depend on the server's settings
-  and are checked in `app.py`.
+  and are checked in `errors.py` and `streaming.py`.
 - Extensions that vLLM also accepts: `top_k` (-1 or 0 = off), `min_p`, `repetition_penalty`,
   `/tokenize` and `/detokenize`. The completions `logprobs` goes up to 20 (OpenAI: 5).
 - Responses are plain models; a streamed `Delta` leaves out its unset fields, so it carries the

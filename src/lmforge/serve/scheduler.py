@@ -18,7 +18,7 @@ Design choices:
 - **Admission control is a count of sequences.** A request's `n` sequences are accepted when
   the running, waiting and not-yet-admitted sequences stay within `slots + max_queue`; otherwise
   `QueueFull` (the app answers 429) carries a Retry-After estimate from recent sequence durations.
-- Token ids only: text, stop strings and response shapes stay in `app.py`.
+- Token ids only: text and stop strings stay in `streaming.py`, response shapes in `renderers.py`.
 """
 
 from __future__ import annotations
