@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.models.layers import Linear
+from lmforge.models.cpu_ops import Linear
 
 POOLINGS = ("last", "mean", "cls")
 HEAD_CONFIG, HEAD_WEIGHTS, HEAD_FORMAT = "head.json", "head.safetensors", "lmforge-head"

@@ -56,8 +56,8 @@ from lmforge.data.preference import (
     read_preference_pairs,
 )
 from lmforge.errors import LmforgeError
+from lmforge.models.cpu_ops import Linear
 from lmforge.models.heads import HEAD_WEIGHTS, PooledHead, RewardModel
-from lmforge.models.layers import Linear
 from lmforge.recipes import build
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import ModelIO, load_model_weights

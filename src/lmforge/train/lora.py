@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint.io import read_json, read_tensors, write_json, write_tensors
 from lmforge.errors import LmforgeError
-from lmforge.models.layers import Linear
+from lmforge.models.cpu_ops import Linear
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_FORMAT = "adapter.safetensors", "adapter_config.json", "lmforge-lora"
 
