@@ -58,6 +58,7 @@ from lmforge.data.preference import (
 from lmforge.errors import LmforgeError
 from lmforge.models.cpu_ops import Linear
 from lmforge.models.heads import HEAD_WEIGHTS, PooledHead, RewardModel
+from lmforge.models.surgery import dense_weight, swap_module
 from lmforge.recipes import build
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import ModelIO, load_model_weights
@@ -68,10 +69,8 @@ from lmforge.train.lora import (
     LoraConfig,
     LoraLinear,
     apply_lora,
-    dense_weight,
     lora_disabled,
     save_adapter,
-    swap_module,
 )
 from lmforge.train.objectives import DPO_LOSSES, Reference, dpo, reward_model_loss, sequence_logps
 from lmforge.train.report import Callback, ProgressBar

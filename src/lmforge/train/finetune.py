@@ -69,6 +69,7 @@ from lmforge.models.heads import (
     load_head_model,
     save_head_model,
 )
+from lmforge.models.surgery import matches
 from lmforge.recipes import build
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpointing as ckpt
@@ -82,7 +83,6 @@ from lmforge.train.lora import (
     apply_lora,
     load_adapter,
     lora_state_dict,
-    matches,
     merge_lora,
     read_adapter_config,
     save_adapter,
