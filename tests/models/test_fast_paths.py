@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lmforge.config import preset
-from lmforge.models import build_model, layers
-from lmforge.models.layers import linear, linear_cross_entropy
+from lmforge.models import build_model, cpu_ops
+from lmforge.models.cpu_ops import linear, linear_cross_entropy
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -96,14 +96,14 @@ def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
     lookup's rows added in place: no vocabulary-sized copy (gradient accumulation adds into it)."""
     model = build_model(preset("tiny-gpt2"))
     assert model.lm_head.weight is model.embed.weight
-    addresses, chunked = [], layers._chunked_loss  # addresses only: holding the buffer would force a copy
+    addresses, chunked = [], cpu_ops._chunked_loss  # addresses only: holding the buffer would force a copy
 
     def spy(*args, **kwargs):
         out = chunked(*args, **kwargs)
         addresses.append(out[2].data_ptr())
         return out
 
-    monkeypatch.setattr(layers, "_chunked_loss", spy)
+    monkeypatch.setattr(cpu_ops, "_chunked_loss", spy)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     model(ids, labels=ids).backward()
     assert model.embed.weight.grad.data_ptr() == addresses[0]
@@ -115,10 +115,10 @@ def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
 def test_linear_cross_entropy_over_several_vocabulary_blocks():
     """Logits wider than one oneDNN block (`_VOCAB_BLOCK` columns), the last block short."""
     torch.manual_seed(0)
-    vocab = 2 * layers._VOCAB_BLOCK + 37
+    vocab = 2 * cpu_ops._VOCAB_BLOCK + 37
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(vocab, 8, requires_grad=True)
-    labels = torch.tensor([0, vocab - 1, layers._VOCAB_BLOCK, layers._VOCAB_BLOCK - 1, -100, 5])
+    labels = torch.tensor([0, vocab - 1, cpu_ops._VOCAB_BLOCK, cpu_ops._VOCAB_BLOCK - 1, -100, 5])
     loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=4 * vocab)  # chunks of 4 and 2 rows
     ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
     assert_close(loss, ref, atol=1e-4, rtol=1e-5)

@@ -17,7 +17,8 @@ from torch.testing import assert_close
 from lmforge.config import preset
 from lmforge.generate.engine import Engine, Request
 from lmforge.models import build_model, kernels
-from lmforge.models.layers import gelu, linear, sdpa
+from lmforge.models.cpu_ops import gelu, linear
+from lmforge.models.layers import sdpa
 
 BUILDABLE = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))

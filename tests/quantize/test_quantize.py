@@ -14,7 +14,7 @@ from lmforge.checkpoint.io import unique_state
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
-from lmforge.models.layers import Linear
+from lmforge.models.cpu_ops import Linear
 from lmforge.quantize import load_quantized, model_bytes, quantize_model, quantized_layers, save_quantized
 from lmforge.quantize.linear import QuantLinear, pack_int4, unpack_int4
 from lmforge.train.lora import LoraConfig, apply_lora, merge_lora

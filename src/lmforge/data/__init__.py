@@ -2,18 +2,8 @@
 
 from lmforge.data.jsonl import JsonlRow, iter_jsonl_rows, read_jsonl
 from lmforge.data.masking import IGNORE_INDEX, mask_tokens
-from lmforge.data.shards import (
-    PrepareStats,
-    SplitStats,
-    TokenizerLike,
-    TokenLoader,
-    TokenShards,
-    iter_eval_batches,
-    list_input_files,
-    prepare,
-    token_dtype,
-    tokenizer_identity,
-)
+from lmforge.data.prepare import PrepareStats, SplitStats, list_input_files, prepare, token_dtype
+from lmforge.data.shards import TokenizerLike, TokenLoader, TokenShards, iter_eval_batches, tokenizer_identity
 
 __all__ = [
     "IGNORE_INDEX",

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.cpu_ops import Linear
 from lmforge.models.gpt import default_positions
 from lmforge.models.layers import (
     Attention,
-    Linear,
     Rope,
     attention_mask,
     init_weights,

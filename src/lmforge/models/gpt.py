@@ -18,18 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.cpu_ops import Linear, TiedGradient, embedding, linear_cross_entropy
 from lmforge.models.kv_cache import CacheView
-from lmforge.models.layers import (
-    Block,
-    Linear,
-    TiedGradient,
-    attention_mask,
-    embedding,
-    init_weights,
-    linear_cross_entropy,
-    make_norm,
-    make_positions,
-)
+from lmforge.models.layers import Block, attention_mask, init_weights, make_norm, make_positions
 
 
 def default_positions(input_ids: Tensor) -> Tensor:

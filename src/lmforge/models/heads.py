@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.models.layers import Linear
+from lmforge.models.cpu_ops import Linear
 
 POOLINGS = ("last", "mean", "cls")
 

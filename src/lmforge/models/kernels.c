@@ -14,7 +14,7 @@
  * its one query over the cache, in one pass over the keys and values (online softmax).
  *
  * lmforge_gelu_tanh(_backward): GPT-2's GELU and its derivative in one vectorised pass each;
- * PyTorch's tanh is slow on these CPUs (3-4x the time). */
+ * PyTorch's tanh is slow on these CPUs (benchmarks/train_throughput.py). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -37,7 +37,7 @@ static inline float finish(__m256 acc, const float *x, const float *w, const flo
 
 /* Columns [n0, n1) of y for MB rows of x, R weight rows per pass (MB * R <= 8 accumulators).
  * PF > 0 prefetches each weight row PF floats ahead: with many rows of x per weight the loads of
- * x crowd out the hardware prefetcher's lead (measured +15-20% at 8 rows, a loss at 1 row). */
+ * x crowd out the hardware prefetcher's lead (a gain from 4 rows up, a loss at 1: benchmarks/decode.py). */
 #define TILE(MB, R, PF)                                                                                    \
     static void tile_##MB(const float *x, const float *w, const float *b, float *y, int64_t N, int64_t K, \
                           int64_t n0, int64_t n1) {                                                      \

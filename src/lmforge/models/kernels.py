@@ -2,17 +2,16 @@
 
 A decode step multiplies one row per sequence by every weight matrix, so it runs at the speed
 at which the weights stream from memory. On the x86 CPUs we measure, neither MKL nor oneDNN
-stream at memory speed for 1-8 rows: oneDNN reads 7-9 GB/s at 8 rows (11-14 at one) where a
-plain `torch.mv` reaches 15-17. `kernels.c` (AVX2 + FMA, OpenMP) has a matmul that reads each
-weight once for all rows: 14-22 GB/s at one row, 13-18 at 8. Its attention stores the step's
-keys and values and attends over the cache in one call and one pass, where PyTorch takes two
-`scatter_`s and a flash-attention kernel built for long queries (a GPT-2 step at batch 8: ~13%
-less time, measured end to end). `benchmarks/decode.py` measures the whole effect. Its GELU
-(tanh form) is used in training and decoding: on one GPT-2 layer's training activations it
-took 1.4 ms forward and 2.2 ms backward where PyTorch's took 6.4 and 6.8.
+stream at memory speed for a handful of rows (a plain `torch.mv` streams faster than either).
+`kernels.c` (AVX2 + FMA, OpenMP) has a matmul that reads each weight once for all rows. Its
+attention stores the step's keys and values and attends over the cache in one call and one
+pass, where PyTorch takes two `scatter_`s and a flash-attention kernel built for long queries.
+`benchmarks/decode.py` measures the whole effect (with `LMFORGE_NATIVE=0` for the comparison).
+Its GELU (tanh form) is used in training and decoding, forward and backward, because PyTorch's
+tanh is slow on these CPUs (`benchmarks/train_throughput.py`).
 
 The C source ships with the package. The first call compiles it with the system C compiler
-(`cc`, about a second) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`), under a name keyed
+(`cc`) into `$LMFORGE_CACHE` (default `~/.cache/lmforge`), under a name keyed
 by the source and flags, written to a temporary name and renamed. It links the OpenMP runtime
 PyTorch has already loaded, so both share one thread pool. Without a compiler, on a CPU without
 AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `native()` is None (logged

@@ -1,33 +1,25 @@
-"""Building blocks shared by every architecture: norms, positions, attention, MLPs, experts.
+"""The architecture blocks every model is built from: norms, positions, attention, MLPs, experts.
 
 Design choices:
-- Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`),
-  so every `forward` below is straight-line code.
+- Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`, and
+  `Linear` for every projection), so every `forward` below is straight-line code.
 - Attention goes through PyTorch's fused `scaled_dot_product_attention`. Causality,
   padding, sliding windows and the KV cache are all expressed the same way: each query and
   each key carries its absolute position, and `attention_mask` turns positions into a boolean
   mask. When nothing but plain causality applies, no mask is built and the fused kernel's
   `is_causal` path is used. The one exception is a float32 CPU decode step (one query per
   sequence, no gradient): the native kernel of `kernels.py` stores the new keys/values and
-  attends over the cache with the same mask in one call.
-- GPT-2's GELU (tanh form) of float32 CPU tensors runs on the native kernel, forward and
-  backward: PyTorch's tanh is slow on these CPUs.
+  attends over the cache with the same mask in one call (`benchmarks/decode.py`).
 - Rotary embeddings use the "rotate half" layout of Hugging Face checkpoints, so LLaMA-family
   weights load without permuting q/k rows.
 - Grouped-query attention never copies keys/values per query head (`enable_gqa`).
-- Every projection is a `Linear`: an `nn.Linear` whose float32 CPU forward runs on oneDNN
-  instead of the BLAS behind `F.linear`. On the AMD EPYC CPUs we measure on, per matmul, that
-  is 1.1-2x faster for few rows and 1.5x for the 50k-wide output projection of a training
-  batch (`benchmarks/train_throughput.py`); results agree with `F.linear` to float32 rounding.
-  Without gradients and with at most 8 rows (a decode step) the native kernel of `kernels.py`
-  runs instead, reading the weights about twice as fast as oneDNN at 8 rows
-  (`benchmarks/decode.py`). Other devices and dtypes use `F.linear`.
+- Projections (`Linear`) and GPT-2's GELU come from `cpu_ops.py`: they compute what
+  `nn.Linear` and `F.gelu` compute, on faster CPU kernels where they apply.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 
 import torch
@@ -36,234 +28,10 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models import kernels
+from lmforge.models.cpu_ops import Linear, gelu
 from lmforge.models.kv_cache import CacheView
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, signed sin), each (B, 1, T, head_dim); None without rotary positions
-
-
-# ---------------------------------------------------------------- linear layers
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with a oneDNN forward; the backward is the plain matmuls of F.linear."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        flat_grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = flat_grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, on oneDNN (or the native kernel, for few rows without gradients) for float32
-    CPU tensors outside `torch.compile`. Called for every projection of every step, so the checks
-    are ordered and written for speed (a decode step makes hundreds of calls)."""
-    if (not (_ONEDNN and x.is_cpu and weight.is_cpu and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous())
-            or torch.compiler.is_compiling()):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    if (x.numel() <= kernels.MAX_ROWS * x.shape[-1] and (native := kernels.native()) is not None
-            and (bias is None or bias.is_contiguous())):
-        return native.gemv(x.contiguous(), weight, bias)
-    return _onednn_linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` computed by `linear` (same parameters, same state dict)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-# ---------------------------------------------------------------- output projection + loss
-
-
-def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Cross-entropy summed over the rows of float32 `logits` (n, V), which are overwritten in
-    place by softmax(logits) minus the one-hot labels (zero rows where the label is ignored):
-    the gradient of that sum. In place, so no chunk-sized buffer is allocated (or page-faulted)."""
-    valid = labels != ignore_index
-    target = torch.where(valid, labels, 0)[:, None]  # (n, 1)
-    picked = logits.gather(1, target).squeeze(1)  # (n,)
-    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-    logits.div_(total)
-    loss = ((peak.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
-    logits.scatter_add_(1, target, valid[:, None].to(logits.dtype).neg())
-    if not bool(valid.all()):
-        logits.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # only the ignored rows are written
-    return loss, logits
-
-
-_VOCAB_BLOCK = 8192  # logits columns per oneDNN call: 15-29% faster than one call over 50k (166-256 rows)
-_storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, nothing is reused
-
-
-class _Scratch(threading.local):
-    """Memory the output projection + loss keeps from one call to the next (per thread).
-
-    glibc hands blocks this large back to the kernel when they are freed, so a fresh one costs a
-    page fault per 4 KB on every step: ~55k faults a GPT-2 (50257 x 768) step. The logits buffer
-    never leaves the loss. The weight-gradient buffer does (it becomes the weight's `.grad`), so it
-    is only reused once nothing but this scratch references its memory: the optimizer's
-    `zero_grad()` (set_to_none) released it."""
-
-    logits: Tensor | None = None
-    weight_grad: Tensor | None = None
-    weight_grad_refs = 0  # storage references of `weight_grad` while no one else holds it
-
-
-_scratch = _Scratch()
-
-
-def _logits(h: Tensor, weight: Tensor) -> Tensor:
-    """float32 h @ weight^T, (n, V). On the oneDNN path it is written, a block of vocabulary
-    columns at a time, into the scratch buffer (the caller may overwrite it until the next call)."""
-    n, vocab = h.shape[0], weight.shape[0]
-    if not (_ONEDNN and h.is_cpu and weight.is_cpu and h.dtype == weight.dtype == torch.float32
-            and weight.is_contiguous() and not torch.compiler.is_compiling()):
-        return linear(h, weight).float()
-    if _scratch.logits is None or _scratch.logits.shape[0] < n or _scratch.logits.shape[1] != vocab:
-        _scratch.logits = torch.empty(n, vocab)
-    out = _scratch.logits[:n]
-    for start in range(0, vocab, _VOCAB_BLOCK):
-        out[:, start : start + _VOCAB_BLOCK] = linear(h, weight[start : start + _VOCAB_BLOCK])
-    return out
-
-
-def _weight_grad_buffer(weight: Tensor) -> Tensor:
-    """An uninitialised float32 tensor shaped like `weight`; on CPU, last call's memory when no
-    one else (a `.grad` still held, an optimizer's reference) is using it any more."""
-    if not weight.is_cpu or _storage_refs is None:
-        return torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-    kept = _scratch.weight_grad
-    if kept is None or kept.shape != weight.shape or _storage_refs(kept.untyped_storage()._cdata) != _scratch.weight_grad_refs:
-        kept = _scratch.weight_grad = torch.empty(weight.shape, dtype=torch.float32)
-        _scratch.weight_grad_refs = _storage_refs(kept.untyped_storage()._cdata)  # calibrated, not assumed
-    # a new tensor on the same memory, not a view: autograd must be able to keep it as .grad
-    return torch.empty(0).set_(kept.untyped_storage(), 0, kept.shape, kept.stride())
-
-
-def _chunked_loss(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ignore_index: int, need_h: bool, need_w: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The summed loss and, where asked for, its gradients for `hidden` and (float32) `weight`."""
-    grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = _weight_grad_buffer(weight) if need_w else None
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
-        loss, grad = _softmax_loss_(_logits(h, weight), y, ignore_index)  # grad (n, V)
-        total += loss
-        with torch.autocast(hidden.device.type, enabled=False):  # gradients accumulate in float32
-            if need_h:
-                grad_h[start : start + chunk_rows] = (grad @ weight.float()).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(grad.t(), h.float(), beta=0.0 if start == 0 else 1.0)
-    return total, grad_h, grad_w
-
-
-class TiedGradient:
-    """Carries the output projection's gradient of a weight it shares with the token lookup (tied
-    embeddings) to the lookup, during one backward pass. The lookup adds its rows in place and
-    returns the sum as the weight's only gradient. Two producers of one gradient would make
-    autograd add them out of place (a dense and a sparse gradient always are): a copy of the
-    vocabulary-sized buffer into fresh memory, ~0.2 s of an 8 s GPT-2 step, mostly page faults."""
-
-    def __init__(self) -> None:
-        self.grad: Tensor | None = None
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum CE(hidden @ weight^T, labels), a chunk of rows at a time, with the gradients computed
-    chunk by chunk in the forward: the (N, vocab) logits and their gradient never exist whole."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ignore_index: int,
-                tied: TiedGradient | None) -> Tensor:
-        ctx.weight_dtype, ctx.tied = weight.dtype, tied
-        total, grad_h, grad_w = _chunked_loss(hidden, weight, labels, chunk_rows, ignore_index, *ctx.needs_input_grad[:2])
-        ctx.grads = (grad_h, grad_w)  # not saved tensors: dropped in backward, so nothing else holds them
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.grads is None:
-            raise RuntimeError("the fused output projection + loss can be differentiated once per forward")
-        grad_h, grad_w = ctx.grads
-        ctx.grads = None
-        grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None  # scaled in place
-        grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None
-        if ctx.tied is not None:
-            ctx.tied.grad, grad_w = grad_w, None  # the token lookup adds its rows and returns the sum
-        return grad_h, grad_w, None, None, None, None
-
-
-def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_elements: int = 2**25,
-    tied: TiedGradient | None = None,
-) -> Tensor:
-    """sum over rows of cross_entropy(hidden @ weight^T, labels), skipping `ignore_index` labels.
-
-    `hidden` (N, dim), `weight` (V, dim), `labels` (N,). Equal to `F.cross_entropy(F.linear(hidden,
-    weight).float(), labels, reduction="sum")`, but computed `chunk_elements // V` rows at a time:
-    the full logits (4 bytes x N x V: 200 MB for 1024 tokens of GPT-2) and their gradient are never
-    held, and no large buffer is freshly allocated (and page-faulted) every step. The default chunk
-    (128 MiB of float32 logits, 667 GPT-2 rows) beat 32 MiB on our CPU (1024 GPT-2 tokens, forward
-    and backward: 2.41 -> 2.15 s, paired rounds): the weight gradient is accumulated over fewer
-    chunks. With `tied`, the weight's gradient goes to the `embedding` that shares it (see
-    `TiedGradient`).
-    """
-    chunk_rows = max(1, chunk_elements // weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, ignore_index, tied)
-    return _chunked_loss(hidden, weight, labels, chunk_rows, ignore_index, need_h=False, need_w=False)[0]
-
-
-class _TiedEmbedding(torch.autograd.Function):
-    """The token lookup whose weight gradient is the output projection's plus its own rows."""
-
-    @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, tied: TiedGradient) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.weight_shape, ctx.tied = weight.shape, tied
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
-        (ids,) = ctx.saved_tensors
-        grad_w, ctx.tied.grad = ctx.tied.grad, None
-        if grad_w is None:  # the output projection's gradient did not come (its weight was not used)
-            grad_w = grad.new_zeros(ctx.weight_shape)
-        grad_w.index_add_(0, ids.flatten(), grad.reshape(-1, grad.shape[-1]).to(grad_w.dtype))
-        return None, grad_w, None
-
-
-def embedding(ids: Tensor, weight: Tensor, tied: TiedGradient | None = None) -> Tensor:
-    """`F.embedding(ids, weight)`; with `tied`, the weight's gradient also carries the output
-    projection's (see `TiedGradient`)."""
-    if tied is None or not (torch.is_grad_enabled() and weight.requires_grad):
-        return F.embedding(ids, weight)
-    return _TiedEmbedding.apply(ids, weight, tied)
 
 
 # ---------------------------------------------------------------- norms
@@ -321,7 +89,7 @@ class SinusoidalPositions(NoPositions):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        pos = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None]
+        pos = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None]  # (max_seq_len, 1)
         freq = torch.exp(torch.arange(0, config.dim, 2, dtype=torch.float32) * (-math.log(10000.0) / config.dim))
         table = torch.zeros(config.max_seq_len, config.dim)
         table[:, 0::2] = torch.sin(pos * freq)
@@ -414,9 +182,9 @@ def attention_mask(
     if window is not None:
         allowed = allowed & (q - k < window)
     if k_valid is not None:
-        allowed = allowed & k_valid[:, None, None, :].bool()
+        allowed = allowed & k_valid[:, None, None, :].bool()  # (B, 1, 1, S)
     if q_doc is not None and k_doc is not None:
-        allowed = allowed & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+        allowed = allowed & (q_doc[:, None, :, None] == k_doc[:, None, None, :])  # (B, 1, T, S)
     return allowed
 
 
@@ -426,7 +194,7 @@ def _sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: flo
 
 def _sdpa_repeat(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool) -> Tensor:
     groups = q.shape[1] // k.shape[1]  # torch < 2.5 has no enable_gqa: repeat kv heads
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, n_heads, S, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
@@ -479,31 +247,6 @@ class Attention(nn.Module):
 
 
 # ---------------------------------------------------------------- feed-forward
-
-
-class _NativeGeluTanh(torch.autograd.Function):
-    """GELU (tanh approximation) on the native kernel, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, native: kernels.Native) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.native = native
-        return native.gelu_tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (x,) = ctx.saved_tensors
-        return ctx.native.gelu_tanh_backward(grad.contiguous(), x), None
-
-
-def gelu(x: Tensor, approximate: str) -> Tensor:
-    """`F.gelu`; the tanh form of float32 CPU tensors on the native kernel, where it is built:
-    PyTorch's tanh is slow on these CPUs (3-4x the kernel's time, forward and backward)."""
-    if (approximate != "tanh" or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous()
-            or torch.compiler.is_compiling() or (native := kernels.native()) is None):
-        return F.gelu(x, approximate=approximate)
-    return _NativeGeluTanh.apply(x, native)
 
 
 class GeluMLP(nn.Module):
@@ -560,9 +303,9 @@ class MoE(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
             if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])  # (n_routed, dim) rows
         self.aux_loss = self._balance_loss(probs, chosen)
-        return out.view(B, T, D)
+        return out.view(B, T, D)  # (B, T, dim)
 
     def _balance_loss(self, probs: Tensor, chosen: Tensor) -> Tensor:
         n_experts = probs.shape[-1]

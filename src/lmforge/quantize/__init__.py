@@ -3,7 +3,7 @@
 Design choices:
 - A module swap, never a change to the model classes: `quantize_model` walks the model and
   replaces every linear layer that no `skip` pattern names (default: `lm_head`, whose error
-  the logits feel most). Patterns are the same globs as LoRA's (`train.lora.matches`).
+  the logits feel most). Patterns are the same globs as LoRA's (`models.surgery.matches`).
   Embeddings and norms stay in float. A layer whose weight is tied to another module
   (tied `lm_head`) loses the tie when quantized: the embedding keeps its float copy.
 - A quantized folder is an lmforge checkpoint (`config.json`, `model.safetensors` holding the
@@ -25,8 +25,8 @@ from lmforge.checkpoint.io import load_checked, read_json, read_tensors, unique_
 from lmforge.checkpoint.native import WEIGHTS_FILE, load_config, save_native
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
+from lmforge.models.surgery import matches, swap_module
 from lmforge.quantize.linear import QuantLinear, check_settings
-from lmforge.train.lora import matches, swap_module
 
 QUANT_CONFIG, QUANT_FORMAT = "quantization.json", "lmforge-quant"
 

@@ -10,9 +10,8 @@ Design choices:
   encoder, a classification head wrapper or a quantized model. `merge_lora` folds the adapters
   into the weights and swaps the plain layers back, so a merged model has exactly the original
   module structure and state-dict names (`save_native` / `save_hf` work on it unchanged).
-- Module-name patterns are shell globs (`fnmatch`, where `*` also crosses dots). A pattern
-  matches a module if it matches its full name or any dotted suffix of it, so `lm_head`,
-  `*.attn.q` and `attn.q` all work, with or without a wrapper prefix such as `backbone.`.
+- Module-name patterns are the globs of `models.surgery.matches`: `lm_head`, `*.attn.q` and
+  `attn.q` all work, with or without a wrapper prefix such as `backbone.`.
 - A = Kaiming-uniform, B = zeros (as in the paper and peft): a freshly adapted model computes
   exactly what the base model computes.
 - The base may be an `nn.Linear` or any linear-like module with `in_features`,
@@ -36,7 +35,6 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,8 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint.io import load_checked, read_json, read_tensors, write_json, write_tensors
 from lmforge.errors import LmforgeError
-from lmforge.models.layers import Linear
+from lmforge.models.cpu_ops import Linear
+from lmforge.models.surgery import is_linear, matches, swap_module, tied_modules, unmatched
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_FORMAT = "adapter.safetensors", "adapter_config.json", "lmforge-lora"
 
@@ -71,23 +70,6 @@ class LoraConfig:
             raise LmforgeError(f"lora.dropout must be in [0, 1); got {self.dropout}")
         if self.rank and not self.targets:
             raise LmforgeError("lora.targets is empty; name the layers to adapt, e.g. ['*.attn.q', '*.attn.v']")
-
-
-def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    """True if a glob pattern matches the module name or one of its dotted suffixes."""
-    parts = name.split(".")
-    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
-    return any(fnmatchcase(s, p) for p in patterns for s in suffixes)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or a linear-like module that stores its weight in another form (QuantLinear)."""
-    return isinstance(module, nn.Linear) or callable(getattr(module, "dequantize", None))
-
-
-def dense_weight(linear: nn.Module) -> Tensor:
-    """The (out, in) weight matrix of a linear-like module, as a float tensor."""
-    return linear.weight if isinstance(linear, nn.Linear) else linear.dequantize()
 
 
 # ---------------------------------------------------------------- the adapted layer
@@ -156,28 +138,10 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------- apply / merge
 
 
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called `name` (dotted) by `new`."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the linear layers LoRA could target (those already inside a LoraLinear excluded)."""
     inside = {f"{n}.base" for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     return [n for n, m in model.named_modules() if is_linear(m) and n not in inside and n]
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Modules whose weight is shared with another module (tied embeddings)."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
-    return {n for names in owners.values() if len(names) > 1 for n in names}
-
-
-def _unmatched(patterns: list[str], names: list[str]) -> list[str]:
-    return [p for p in patterns if not any(matches(n, [p]) for n in names)]
 
 
 def _targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -185,13 +149,13 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise LmforgeError("this model already has LoRA adapters; call merge_lora(model) before applying new ones")
     linear = _linear_names(model)
-    missing = _unmatched(cfg.targets, linear)
+    missing = unmatched(cfg.targets, linear)
     if missing:
         raise LmforgeError(
             f"lora.targets {missing} match no linear layer; available layers include {linear[:8]}"
         )
     chosen = [n for n in linear if matches(n, cfg.targets)]
-    tied = sorted(set(chosen) & _tied_names(model))
+    tied = sorted(set(chosen) & tied_modules(model))
     if tied:
         raise LmforgeError(
             f"LoRA cannot adapt {tied}: their weights are tied to another module (tie_embeddings); "
@@ -202,7 +166,7 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 def _check_train_modules(model: nn.Module, train_modules: list[str]) -> None:
     names = [n for n, _ in model.named_modules() if n]
-    missing = _unmatched(train_modules, names)
+    missing = unmatched(train_modules, names)
     if missing:
         raise LmforgeError(f"lora.train_modules {missing} match no module; modules include {names[:8]}")
 
@@ -329,13 +293,10 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "apply_lora",
-    "is_linear",
     "load_adapter",
     "lora_disabled",
     "lora_state_dict",
-    "matches",
     "merge_lora",
     "read_adapter_config",
     "save_adapter",
-    "swap_module",
 ]
