@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizer_parity import assert_same_encoding, hf_tokenizer, transformers
 
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "The quick brown fox.",
@@ -22,22 +21,6 @@ TEXTS = [
     "UPPER lower MiXeD 12345 3.14",
     "",
 ]
-
-
-def hf_tokenizer(folder: Path):
-    return transformers.AutoTokenizer.from_pretrained(str(folder))
-
-
-def assert_same_encoding(ours: Tokenizer, theirs, texts: list[str]) -> None:
-    for text in texts:
-        plain = ours.encode(text)
-        assert plain == theirs.encode(text, add_special_tokens=False), text
-        assert ours.encode(text, add_special_tokens=True) == theirs.encode(text), text
-        for ids in (plain, ours.encode(text, add_special_tokens=True)):
-            assert ours.decode(ids) == theirs.decode(ids), text
-            assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
-                ids, skip_special_tokens=True
-            ), text
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +102,6 @@ def test_resaved_folders_load_in_transformers(fixture: str, request, tmp_path: P
     assert theirs.chat_template == ours.chat_template
     assert_same_encoding(ours, theirs, TEXTS)
     assert Tokenizer.from_dir(tmp_path).special_tokens == ours.special_tokens
-
-
-def test_add_bos_token_is_ignored_like_transformers_5(llama3_dir: Path, tmp_path: Path) -> None:
-    """With a tokenizer.json present, the post-processor (not add_bos_token) decides; here it adds nothing."""
-    state = json.loads((llama3_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    state["post_processor"] = None
-    (tmp_path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
-    (tmp_path / "tokenizer_config.json").write_bytes((llama3_dir / "tokenizer_config.json").read_bytes())
-    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
-    assert ours.encode("hi", add_special_tokens=True) == theirs.encode("hi") == ours.encode("hi")
 
 
 def test_chat_template_jinja_file_wins(trained_dir: Path, tmp_path: Path) -> None:
