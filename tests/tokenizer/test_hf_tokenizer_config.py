@@ -11,25 +11,13 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from tokenizer_parity import assert_same_encoding, hf_tokenizer
+from tokenizer_parity import assert_same_encoding, copy_folder, hf_pair, hf_tokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 SENTENCE = "The cat sits on the mat."
 LONG = "the quick brown fox jumps over the lazy dog . " * 40  # about 400 tokens
-
-
-def copy_folder(source: Path, target: Path, config: dict | None = None, **json_edits) -> Path:
-    """`source`'s tokenizer.json (with top-level keys replaced by `json_edits`) and a new config."""
-    state = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
-    state.update(json_edits)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
-    if config is None:
-        config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
-    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return target
 
 
 # ----- padding and truncation stored in tokenizer.json ----------------------------------------
@@ -39,7 +27,7 @@ def test_fixed_padding_and_truncation_do_not_leak_into_encode(padded_dir: Path, 
     """A sentence-embedding tokenizer.json pads to 128 and cuts at 128; encode does neither (nor transformers)."""
     raw = tokenizers.Tokenizer.from_file(str(padded_dir / "tokenizer.json"))
     assert len(raw.encode(SENTENCE).ids) == len(raw.encode(LONG).ids) == 128  # what the file asks for
-    ours, theirs = Tokenizer.from_dir(padded_dir), hf_tokenizer(padded_dir)
+    ours, theirs = hf_pair(padded_dir)
     ids = ours.encode(SENTENCE, add_special_tokens=True)
     assert len(ids) < 20 and ours.pad_id not in ids
     assert len(ours.encode(LONG)) > 128
@@ -48,7 +36,7 @@ def test_fixed_padding_and_truncation_do_not_leak_into_encode(padded_dir: Path, 
     ours.save(tmp_path)  # the saved tokenizer.json no longer pads or cuts
     saved = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert saved["padding"] is None and saved["truncation"] is None
-    assert_same_encoding(Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path), [SENTENCE, LONG])
+    assert_same_encoding(*hf_pair(tmp_path), [SENTENCE, LONG])
 
 
 # ----- add_bos_token / add_eos_token ----------------------------------------------------------
@@ -58,7 +46,7 @@ def test_bos_eos_flags_defer_to_the_post_processor(sentencepiece_dir: Path, tmp_
     """With a post-processor in tokenizer.json, it alone decides, in lmforge as in transformers 5."""
     config = json.loads((sentencepiece_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     folder = copy_folder(sentencepiece_dir, tmp_path, {**config, "add_bos_token": False, "add_eos_token": True})
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     assert ours.encode("hi", add_special_tokens=True) == theirs.encode("hi") == [ours.bos_id, *ours.encode("hi")]
 
 
@@ -75,7 +63,7 @@ def test_bos_eos_flags_build_a_missing_post_processor(
     config = json.loads((sentencepiece_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["add_eos_token"] = add_eos_token
     folder = copy_folder(sentencepiece_dir, tmp_path / "original", config, post_processor=None)
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     plain = ours.encode("hi there")
     with_specials = ours.encode("hi there", add_special_tokens=True)
     assert with_specials == [ours.bos_id, *plain, *([ours.eos_id] if add_eos_token else [])]
@@ -93,14 +81,14 @@ def test_special_tokens_map_wins_without_added_tokens_decoder(trained_dir: Path,
     special_map = {"eos_token": {"content": "<|im_end|>"}, "additional_special_tokens": ["<|tool|>"]}
     folder = copy_folder(trained_dir, tmp_path / "map", config)
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map), encoding="utf-8")
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     assert ours.eos_token == theirs.eos_token == "<|im_end|>" and ours.bos_token == "<|bos|>"
     assert ours.token_to_id("<|tool|>") == theirs.convert_tokens_to_ids("<|tool|>") == ours.vocab_size - 1
     assert_same_encoding(ours, theirs, ["call <|tool|> now<|im_end|>"])
     # A config with added_tokens_decoder (what transformers 4.x saved) makes transformers ignore the map.
     config["added_tokens_decoder"] = {}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     assert ours.eos_token == theirs.eos_token == "<|eos|>" and ours.token_to_id("<|tool|>") is None
 
 
@@ -116,7 +104,7 @@ def test_config_tokens_get_the_ids_transformers_gives(trained_dir: Path, tmp_pat
         "added_tokens_decoder": {"999": plain_token},
     }
     folder = copy_folder(trained_dir, tmp_path, config)
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     for token in ("<|new|>", "<image>", "<|tool|>", "<|im_end|>"):
         assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token), token
     assert ours.decode(ours.encode("a<|new|>b<image>"), skip_special_tokens=True) == "a<|new|>b"
@@ -141,7 +129,7 @@ def test_class_default_special_tokens_are_not_assumed(gpt2_dir: Path, tmp_path: 
     Ids are the same either way.
     """
     folder = copy_folder(gpt2_dir, tmp_path, {"model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer"})
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     assert theirs.eos_token == "<|endoftext|>" and ours.eos_token is None
     assert_same_encoding(ours, theirs, [SENTENCE, "a<|endoftext|>b"])
 
@@ -160,7 +148,7 @@ def test_clean_up_tokenization_spaces(t5_dir: Path, tmp_path: Path) -> None:
     """The flag removes spaces before punctuation after the decoder (a WordPiece decoder already does)."""
     config = json.loads((t5_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     folder = copy_folder(t5_dir, tmp_path / "original", {**config, "clean_up_tokenization_spaces": True})
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     ids = ours.encode("The fox runs . The dog sleeps , the fox ?")
     assert ours.backend.decode(ids) == "The fox runs . The dog sleeps , the fox ?"
     assert ours.decode(ids) == theirs.decode(ids) == "The fox runs. The dog sleeps, the fox?"
@@ -172,7 +160,7 @@ def test_clean_up_tokenization_spaces_is_skipped_for_bpe(gpt2_dir: Path, tmp_pat
     """transformers 5 ignores the flag for BPE models, where it would delete real spaces; so does lmforge."""
     config = json.loads((gpt2_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     folder = copy_folder(gpt2_dir, tmp_path, {**config, "clean_up_tokenization_spaces": True})
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     ids = ours.encode("a . b , c 's")
     assert ours.decode(ids) == theirs.decode(ids) == "a . b , c 's"
 

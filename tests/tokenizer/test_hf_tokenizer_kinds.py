@@ -11,7 +11,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from tokenizer_parity import TRICKY_TEXTS, assert_same_encoding, hf_tokenizer, with_added_tokens
+from tokenizer_parity import TRICKY_TEXTS, assert_same_encoding, hf_pair, with_added_tokens
 
 from lmforge.tokenizer import Tokenizer
 
@@ -33,7 +33,7 @@ def added_contents(tokenizer: Tokenizer) -> list[str]:
 @pytest.mark.parametrize("fixture", list(KINDS))
 def test_ids_and_text_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     folder: Path = request.getfixturevalue(fixture)
-    ours, theirs = Tokenizer.from_dir(folder), hf_tokenizer(folder)
+    ours, theirs = hf_pair(folder)
     assert len(theirs) == ours.vocab_size
     assert {name: str(token) for name, token in theirs.special_tokens_map.items()} == ours.special_tokens
     assert_same_encoding(ours, theirs, with_added_tokens(added_contents(ours)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizer_parity import assert_same_encoding, hf_tokenizer, transformers
+from tokenizer_parity import assert_same_encoding, hf_pair, hf_tokenizer, transformers
 
 from lmforge.tokenizer import Tokenizer
 
@@ -59,7 +59,7 @@ def test_save_load_round_trip(trained: Tokenizer, trained_dir: Path) -> None:
 
 
 def test_llama3_folder(llama3_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(llama3_dir), hf_tokenizer(llama3_dir)
+    ours, theirs = hf_pair(llama3_dir)
     assert ours.bos_token == "<|begin_of_text|>" and ours.eos_token == "<|eot_id|>"
     assert ours.eot_id == ours.token_to_id("<|eot_id|>")
     assert ours.model_max_length == 131072
@@ -68,7 +68,7 @@ def test_llama3_folder(llama3_dir: Path) -> None:
 
 
 def test_qwen_folder_takes_the_default_template(qwen_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(qwen_dir), hf_tokenizer(qwen_dir)
+    ours, theirs = hf_pair(qwen_dir)
     assert ours.chat_template is not None and ours.chat_template.startswith("{%- if tools %}")
     assert ours.bos_id is None and ours.eos_id == ours.eot_id == ours.token_to_id("<|im_end|>")
     assert ours.pad_id == ours.token_to_id("<|endoftext|>")
@@ -76,7 +76,7 @@ def test_qwen_folder_takes_the_default_template(qwen_dir: Path) -> None:
 
 
 def test_bert_folder_adds_cls_and_sep(bert_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(bert_dir), hf_tokenizer(bert_dir)
+    ours, theirs = hf_pair(bert_dir)
     ids = ours.encode("Hello World", add_special_tokens=True)
     assert ids[0] == ours.token_to_id("[CLS]") and ids[-1] == ours.token_to_id("[SEP]")
     assert ours.pad_id == ours.token_to_id("[PAD]") and ours.bos_id is None
@@ -86,7 +86,7 @@ def test_bert_folder_adds_cls_and_sep(bert_dir: Path) -> None:
 
 
 def test_sentencepiece_folder_with_byte_fallback(sentencepiece_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(sentencepiece_dir), hf_tokenizer(sentencepiece_dir)
+    ours, theirs = hf_pair(sentencepiece_dir)
     ids = ours.encode("日本")
     assert ours.id_to_token(ids[-1]).startswith("<0x")
     assert ours.decode(ids) == "日本"
@@ -122,6 +122,6 @@ def test_special_token_missing_from_vocab_is_added_like_transformers(
     (tmp_path / "tokenizer.json").write_bytes((trained_dir / "tokenizer.json").read_bytes())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "eos_token": "<|eos|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    ours, theirs = hf_pair(tmp_path)
     assert ours.token_to_id("<unk>") == theirs.unk_token_id == ours.vocab_size - 1
     assert_same_encoding(ours, theirs, ["a <unk> b"])

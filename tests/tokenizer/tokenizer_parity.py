@@ -7,8 +7,10 @@ text, and an input of several thousand characters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +40,11 @@ def hf_tokenizer(folder: Path):
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 
+def hf_pair(folder: Path) -> tuple[Tokenizer, Any]:
+    """lmforge's and transformers' tokenizers for the same folder."""
+    return Tokenizer.from_dir(folder), hf_tokenizer(folder)
+
+
 def with_added_tokens(tokens: Iterable[str]) -> list[str]:
     """The corpus plus texts with each added token inside words, between spaces and at both ends."""
     inside = [f"{token}start a{token}b mid {token} end{token}" for token in tokens]
@@ -54,3 +61,32 @@ def assert_same_encoding(ours: Tokenizer, theirs, texts: Iterable[str]) -> None:
         for ids in (plain, special):
             assert ours.decode(ids) == theirs.decode(ids), text
             assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+
+
+def assert_same_chat(ours: Tokenizer, theirs, messages: list[dict], **extra: Any) -> None:
+    """The same rendered text and ids, with and without the generation prompt."""
+    for add_generation_prompt in (False, True):
+        text = ours.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+        )
+        expected = theirs.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+        )
+        assert text == expected
+        ids = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+        expected_ids = theirs.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, return_dict=False, **extra
+        )
+        assert ids == list(expected_ids)
+
+
+def copy_folder(source: Path, target: Path, config: Mapping[str, Any] | None = None, **json_edits: Any) -> Path:
+    """`source`'s tokenizer.json (top-level keys replaced by `json_edits`) with `config` (else source's)."""
+    state = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    state.update(json_edits)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
+    if config is None:
+        config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return target
