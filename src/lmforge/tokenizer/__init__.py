@@ -4,5 +4,6 @@ from lmforge.tokenizer.bpe import train_tokenizer
 from lmforge.tokenizer.chat import CHATML_TEMPLATE
 from lmforge.tokenizer.core import Tokenizer
 from lmforge.tokenizer.detok import IncrementalDetokenizer
+from lmforge.tokenizer.generation_config import GenerationDefaults
 
-__all__ = ["CHATML_TEMPLATE", "IncrementalDetokenizer", "Tokenizer", "train_tokenizer"]
+__all__ = ["CHATML_TEMPLATE", "GenerationDefaults", "IncrementalDetokenizer", "Tokenizer", "train_tokenizer"]
