@@ -66,7 +66,7 @@ class LM:
     model: nn.Module
     tokenizer: Tokenizer | None
     path: Path | None = None
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # the folder's stop ids, sampling
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
 
     @property
     def config(self) -> ModelConfig:
@@ -88,7 +88,7 @@ class LM:
         """A setting left None takes the folder's generation_config.json default, else SamplingParams'."""
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty)
-        chosen = {**self.generation.sampling, **{name: value for name, value in given.items() if value is not None}}
+        chosen = {**self.generation.sampling, **{name: v for name, v in given.items() if v is not None}}
         return SamplingParams(**chosen, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               seed=seed)
 
@@ -113,7 +113,7 @@ class LM:
 
     def request(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams, *,
                 truncate_left: bool = False, logprobs: int | None = None) -> Request:
-        """An engine request that stops at the end-of-turn, end-of-sequence and generation_config.json eos tokens."""
+        """An engine request that stops at the end-of-turn and every end-of-sequence token."""
         tok = self.tokenizer
         stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None} if tok else set()
         stop_ids.update(self.generation.eos_ids)

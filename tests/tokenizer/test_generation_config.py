@@ -109,7 +109,12 @@ def test_save_round_trip_reads_the_same_in_transformers(tmp_path: Path) -> None:
     defaults.save(saved)
     assert GenerationDefaults.from_dir(saved) == defaults
     theirs = transformers.GenerationConfig.from_pretrained(saved)
-    assert (theirs.eos_token_id, theirs.do_sample, theirs.temperature, theirs.top_k) == ([7, 9], True, 0.7, 20)
+    assert (theirs.eos_token_id, theirs.do_sample, theirs.temperature, theirs.top_k) == (
+        [7, 9],
+        True,
+        0.7,
+        20,
+    )
     GenerationDefaults().save(tmp_path)  # nothing to say: the folder keeps what it has
     assert json.loads((tmp_path / "generation_config.json").read_text(encoding="utf-8")) == values
 
@@ -132,7 +137,9 @@ def test_generation_stops_at_any_listed_eos_id(llama_dir: Path) -> None:
 
 
 def test_lm_sampling_takes_the_folder_defaults(llama_dir: Path, tmp_path: Path) -> None:
-    write_generation_config(llama_dir, do_sample=True, temperature=0.6, top_k=20, top_p=0.9, eos_token_id=[2, 3])
+    write_generation_config(
+        llama_dir, do_sample=True, temperature=0.6, top_k=20, top_p=0.9, eos_token_id=[2, 3]
+    )
     lm = lmforge.load(llama_dir)
     assert lm.sampling() == SamplingParams(temperature=0.6, top_k=20, top_p=0.9)
     assert lm.sampling(temperature=0.2, top_k=0) == SamplingParams(temperature=0.2, top_k=0, top_p=0.9)

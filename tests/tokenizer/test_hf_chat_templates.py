@@ -63,7 +63,9 @@ MISTRAL = """{%- if messages[0]["role"] == "system" %}
 {%- endfor %}
 """
 
-TOOL_USE = "{{ bos_token }}{% for tool in tools %}{{ tool | tojson }}{% endfor %}{{ messages[-1]['content'] }}"
+TOOL_USE = (
+    "{{ bos_token }}{% for tool in tools %}{{ tool | tojson }}{% endfor %}{{ messages[-1]['content'] }}"
+)
 
 SYSTEM = {"role": "system", "content": "Be brief. Réponds en français si besoin."}
 TURNS = [

@@ -45,9 +45,13 @@ def test_fixed_padding_and_truncation_do_not_leak_into_encode(padded_dir: Path, 
 def test_bos_eos_flags_defer_to_the_post_processor(sentencepiece_dir: Path, tmp_path: Path) -> None:
     """With a post-processor in tokenizer.json, it alone decides, in lmforge as in transformers 5."""
     config = json.loads((sentencepiece_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    folder = copy_folder(sentencepiece_dir, tmp_path, {**config, "add_bos_token": False, "add_eos_token": True})
+    folder = copy_folder(
+        sentencepiece_dir, tmp_path, {**config, "add_bos_token": False, "add_eos_token": True}
+    )
     ours, theirs = hf_pair(folder)
-    assert ours.encode("hi", add_special_tokens=True) == theirs.encode("hi") == [ours.bos_id, *ours.encode("hi")]
+    assert (
+        ours.encode("hi", add_special_tokens=True) == theirs.encode("hi") == [ours.bos_id, *ours.encode("hi")]
+    )
 
 
 @pytest.mark.parametrize(("add_eos_token", "ends"), [(False, ["<s>"]), (True, ["<s>", "</s>"])])
@@ -113,7 +117,10 @@ def test_config_tokens_get_the_ids_transformers_gives(trained_dir: Path, tmp_pat
 
 def test_special_token_dict_without_type_is_read(trained_dir: Path, tmp_path: Path) -> None:
     """Deliberate difference: `{"content": ...}` without `"__type": "AddedToken"` is read; transformers 5 raises."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": {"content": "<|eos|>", "special": True}}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": {"content": "<|eos|>", "special": True},
+    }
     folder = copy_folder(trained_dir, tmp_path, config)
     assert Tokenizer.from_dir(folder).eos_token == "<|eos|>"
     with pytest.raises(TypeError, match="eos_token has to be either str or AddedToken"):
@@ -136,7 +143,9 @@ def test_class_default_special_tokens_are_not_assumed(gpt2_dir: Path, tmp_path: 
 
 def test_model_max_length(llama3_dir: Path, tmp_path: Path) -> None:
     config = json.loads((llama3_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert Tokenizer.from_dir(llama3_dir).model_max_length == hf_tokenizer(llama3_dir).model_max_length == 131072
+    assert (
+        Tokenizer.from_dir(llama3_dir).model_max_length == hf_tokenizer(llama3_dir).model_max_length == 131072
+    )
     folder = copy_folder(llama3_dir, tmp_path, {**config, "model_max_length": int(1e30)})  # "unknown"
     assert Tokenizer.from_dir(folder).model_max_length is None
 
@@ -171,10 +180,16 @@ def test_clean_up_tokenization_spaces_is_skipped_for_bpe(gpt2_dir: Path, tmp_pat
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ({"eos_token": 2}, r"entry eos_token should be a token string or an object with a \"content\" string"),
+        (
+            {"eos_token": 2},
+            r"entry eos_token should be a token string or an object with a \"content\" string",
+        ),
         ({"added_tokens_decoder": {"x": {"content": "a"}}}, r"added_tokens_decoder should map token ids"),
         ({"added_tokens_decoder": {"7": "a"}}, r"added_tokens_decoder should map token ids to token objects"),
-        ({"added_tokens_decoder": {"7": {"id": 7}}}, r"entry added_tokens_decoder\[7\] should be a token string"),
+        (
+            {"added_tokens_decoder": {"7": {"id": 7}}},
+            r"entry added_tokens_decoder\[7\] should be a token string",
+        ),
         ({"additional_special_tokens": "<a>"}, r"additional_special_tokens should be a list of tokens"),
         ({"chat_template": [{"name": "default"}]}, r'chat_template as a list should hold \{"name"'),
     ],
@@ -184,4 +199,3 @@ def test_bad_config_entries_are_named(trained_dir: Path, tmp_path: Path, config:
     with pytest.raises(LmforgeError, match=match) as info:
         Tokenizer.from_dir(folder)
     assert "\n" not in str(info.value) and "fix tokenizer_config.json" in str(info.value)
-

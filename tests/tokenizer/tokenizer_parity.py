@@ -60,7 +60,9 @@ def assert_same_encoding(ours: Tokenizer, theirs, texts: Iterable[str]) -> None:
         assert special == theirs.encode(text, add_special_tokens=True), text
         for ids in (plain, special):
             assert ours.decode(ids) == theirs.decode(ids), text
-            assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+            assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
+                ids, skip_special_tokens=True
+            ), text
 
 
 def assert_same_chat(ours: Tokenizer, theirs, messages: list[dict], **extra: Any) -> None:
@@ -80,7 +82,9 @@ def assert_same_chat(ours: Tokenizer, theirs, messages: list[dict], **extra: Any
         assert ids == list(expected_ids)
 
 
-def copy_folder(source: Path, target: Path, config: Mapping[str, Any] | None = None, **json_edits: Any) -> Path:
+def copy_folder(
+    source: Path, target: Path, config: Mapping[str, Any] | None = None, **json_edits: Any
+) -> Path:
     """`source`'s tokenizer.json (top-level keys replaced by `json_edits`) with `config` (else source's)."""
     state = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     state.update(json_edits)

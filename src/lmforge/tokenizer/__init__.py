@@ -1,4 +1,4 @@
-"""Tokenizers: train a byte-level BPE, load any HF tokenizer folder, chat templates, streaming detokenization."""
+"""Tokenizers: train a byte-level BPE, load HF tokenizer folders, chat templates, streaming detokenization."""
 
 from lmforge.tokenizer.bpe import train_tokenizer
 from lmforge.tokenizer.chat import CHATML_TEMPLATE

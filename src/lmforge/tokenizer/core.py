@@ -145,12 +145,13 @@ class Tokenizer:
         backend.no_truncation()
         config = _tokenizer_config(folder)
         named = _named_tokens(config)
-        _add_tokens_like_transformers(backend, _added_tokens_decoder(config), [*named.values(), *_extra_tokens(config)])
+        special = [*named.values(), *_extra_tokens(config)]
+        _add_tokens_like_transformers(backend, _added_tokens_decoder(config), special)
         if backend.post_processor is None:
             backend.post_processor = _bos_eos_processor(backend, config, named)
         return cls(
             backend,
-            special_tokens={name: token.content for name, token in named.items() if name in SPECIAL_TOKEN_NAMES},
+            special_tokens={name: named[name].content for name in SPECIAL_TOKEN_NAMES if name in named},
             chat_template=_chat_template_from(folder, config),
             model_max_length=_max_length_from_config(config),
             clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces") is True,
@@ -360,7 +361,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LmforgeError(f"{path} is not valid JSON ({err}); re-download or re-save it") from err
     if not isinstance(value, dict):
-        raise LmforgeError(f"{path} should hold a JSON object, not {type(value).__name__}; re-download or re-save it")
+        raise LmforgeError(
+            f"{path} should hold a JSON object, not {type(value).__name__}; re-download or re-save it"
+        )
     return value
 
 
@@ -376,7 +379,7 @@ def _load_backend(path: Path) -> tokenizers.Tokenizer:
 
 
 def _tokenizer_config(folder: Path) -> dict[str, Any]:
-    """tokenizer_config.json, with special_tokens_map.json's values over it where transformers reads that file.
+    """tokenizer_config.json, with special_tokens_map.json's values over it where transformers reads it.
 
     transformers 5 reads special_tokens_map.json (a file older saves wrote) only when the config has no
     `added_tokens_decoder`, and then lets its values win.
@@ -430,7 +433,8 @@ def _extra_tokens(config: Mapping[str, Any]) -> list[AddedToken]:
         return []  # named tokens; see _named_tokens
     if not isinstance(tokens, list):
         raise LmforgeError(
-            f"additional_special_tokens should be a list of tokens, not {tokens!r:.80}; fix tokenizer_config.json"
+            f"additional_special_tokens should be a list of tokens, not {tokens!r:.80}; "
+            "fix tokenizer_config.json"
         )
     return [_added_token(token, "additional_special_tokens") for token in tokens]
 
@@ -470,7 +474,7 @@ def _add_tokens_like_transformers(
 def _bos_eos_processor(
     backend: tokenizers.Tokenizer, config: Mapping[str, Any], named: Mapping[str, AddedToken]
 ) -> processors.TemplateProcessing | None:
-    """`BOS $A EOS` as `add_bos_token` / `add_eos_token` ask (for a tokenizer.json without a post-processor)."""
+    """`BOS $A EOS` as `add_bos_token` / `add_eos_token` ask, for a tokenizer.json with no post-processor."""
     bos, eos = (
         [named[name].content] if config.get(flag) is True and name in named else []
         for name, flag in (("bos_token", "add_bos_token"), ("eos_token", "add_eos_token"))
