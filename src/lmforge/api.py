@@ -9,7 +9,7 @@ string that then completes.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models.heads import sentence_embeddings
-from lmforge.tokenizer import IncrementalDetokenizer, Tokenizer
+from lmforge.tokenizer import GenerationDefaults, IncrementalDetokenizer, Tokenizer
 
 Message = dict[str, Any]
 
@@ -66,6 +66,7 @@ class LM:
     model: nn.Module
     tokenizer: Tokenizer | None
     path: Path | None = None
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
 
     @property
     def config(self) -> ModelConfig:
@@ -75,19 +76,21 @@ class LM:
 
     def sampling(
         self,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         seed: int | None = None,
     ) -> SamplingParams:
-        return SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
-        )
+        """A setting left None takes the folder's generation_config.json default, else SamplingParams'."""
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty)
+        chosen = {**self.generation.sampling, **{name: v for name, v in given.items() if v is not None}}
+        return SamplingParams(**chosen, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              seed=seed)
 
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
                truncate_left: bool = False, **sampling: Any) -> Iterator[str]:
@@ -110,9 +113,10 @@ class LM:
 
     def request(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams, *,
                 truncate_left: bool = False, logprobs: int | None = None) -> Request:
-        """An engine request that stops at the end-of-turn and end-of-sequence tokens."""
+        """An engine request that stops at the end-of-turn and every end-of-sequence token."""
         tok = self.tokenizer
         stop_ids = {i for i in (tok.eot_id, tok.eos_id) if i is not None} if tok else set()
+        stop_ids.update(self.generation.eos_ids)
         if self.config.eos_id is not None:
             stop_ids.add(self.config.eos_id)
         return Request(ids, max_new_tokens, sampling, frozenset(stop_ids), logprobs, truncate_left)
@@ -164,12 +168,14 @@ class LM:
         from lmforge.quantize import quantized_layers, save_quantized
 
         (save_quantized if quantized_layers(self.model) else save_native)(self.model, folder)
+        self.generation.save(folder)
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
 
     def save_hf(self, folder: str | Path) -> None:
         """Hugging Face format, loadable by `transformers.AutoModel*.from_pretrained`."""
         save_hf(self.model, folder)
+        self.generation.save(folder)
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
 
@@ -214,4 +220,4 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
         model = model.to(dtype)
     model = model.to(device).eval()
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
-    return LM(model, tokenizer, folder)
+    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder))

@@ -1,8 +1,11 @@
 """Shared tokenizers for the tokenizer tests, built from small corpora written here (no network).
 
 Each HF-style folder holds tokenizer.json + tokenizer_config.json in the form a model repository
-has them: Llama 3.1 (byte-level BPE, dict-form special tokens, add_bos_token), Qwen 2.5 (ChatML,
-a list of named templates), BERT (WordPiece) and Llama 2 / Mistral (sentencepiece BPE, byte fallback).
+has them: GPT-2 and Llama 3.1 (byte-level BPE, dict-form special tokens, add_bos_token), Qwen 2.5 (ChatML,
+a list of named templates), BERT (WordPiece, uncased and cased), Llama 2 / Mistral (sentencepiece BPE,
+byte fallback), T5 (Unigram, extra ids) and a sentence-embedding BERT whose tokenizer.json pads to 128.
+Each tokenizer.json holds what transformers 5's class for it rebuilds from code (normalizer,
+pre-tokenizer, decoder), as a real checkpoint's does, so that both libraries read the same tokenizer.
 """
 
 from __future__ import annotations
@@ -274,11 +277,11 @@ def byte_fallback_bpe() -> tokenizers.Tokenizer:
     return backend
 
 
-def wordpiece() -> tokenizers.Tokenizer:
-    """A BERT-style WordPiece (uncased) with [CLS] ... [SEP] added by the post-processor."""
+def wordpiece(*, lowercase: bool = True) -> tokenizers.Tokenizer:
+    """A BERT-style WordPiece with [CLS] ... [SEP] added by the post-processor."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
@@ -288,6 +291,31 @@ def wordpiece() -> tokenizers.Tokenizer:
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return backend
+
+
+def unigram(extra_ids: list[str]) -> tokenizers.Tokenizer:
+    """A T5-style Unigram: <pad> </s> <unk>, the pieces, then the extra ids; `$A </s>` when asked."""
+    base = tokenizers.Tokenizer(models.Unigram())
+    trainer = trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    base.train_from_iterator(SAMPLE_TEXTS * 10, trainer)
+    pieces = [tuple(piece) for piece in json.loads(base.to_str())["model"]["vocab"]]
+    vocab = [*pieces, *((token, 0.0) for token in extra_ids)]
+    backend = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    # transformers 5's T5Tokenizer rebuilds exactly these (no normalizer without a sentencepiece charsmap).
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ["<pad>", "</s>", "<unk>", *extra_ids]]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     return backend
 
@@ -325,6 +353,22 @@ def byte_tokenizer(corpus_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    backend = byte_level_bpe(["<|endoftext|>"])
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "model_max_length": 1024,
+    }
+    return write_hf_folder(tmp_path_factory.mktemp("gpt2"), backend, config)
+
+
+@pytest.fixture(scope="session")
 def llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backend = byte_level_bpe(LLAMA3_SPECIALS)
     bos_id = backend.token_to_id("<|begin_of_text|>")
@@ -353,6 +397,7 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
+        "unk_token": None,
         "errors": "replace",
         "model_max_length": 131072,
         "chat_template": [
@@ -363,9 +408,9 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_hf_folder(tmp_path_factory.mktemp("qwen"), backend, config)
 
 
-@pytest.fixture(scope="session")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = {
+def bert_config(**overrides) -> dict:
+    """tokenizer_config.json of a BERT checkpoint (bert-base-uncased's, with `overrides`)."""
+    return {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": True,
         "unk_token": "[UNK]",
@@ -374,8 +419,43 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
         "model_max_length": 512,
+        **overrides,
     }
-    return write_hf_folder(tmp_path_factory.mktemp("bert"), wordpiece(), config)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_hf_folder(tmp_path_factory.mktemp("bert"), wordpiece(), bert_config())
+
+
+@pytest.fixture(scope="session")
+def bert_cased_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = bert_config(do_lower_case=False, clean_up_tokenization_spaces=True)
+    return write_hf_folder(tmp_path_factory.mktemp("bert_cased"), wordpiece(lowercase=False), config)
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    extra_ids = [f"<extra_id_{i}>" for i in reversed(range(3))]
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "extra_ids": 3,
+        "additional_special_tokens": sorted(extra_ids),
+        "model_max_length": 512,
+    }
+    return write_hf_folder(tmp_path_factory.mktemp("t5"), unigram(extra_ids), config)
+
+
+@pytest.fixture(scope="session")
+def padded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentence-embedding checkpoint's tokenizer: tokenizer.json pads every text to 128 ids and cuts at 128."""
+    backend = wordpiece()
+    backend.enable_padding(length=128, pad_id=backend.token_to_id("[PAD]"), pad_token="[PAD]")
+    backend.enable_truncation(max_length=128)
+    return write_hf_folder(tmp_path_factory.mktemp("padded"), backend, bert_config(model_max_length=128))
 
 
 @pytest.fixture(scope="session")

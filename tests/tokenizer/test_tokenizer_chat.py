@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tokenizer_parity import assert_same_chat, hf_pair
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 SYSTEM = {"role": "system", "content": "You are terse. Réponds en français si besoin."}
 CONVERSATION = [
@@ -44,26 +43,6 @@ TOOL_CALL_TURNS = [
     },
     {"role": "tool", "content": '{"temp": 21}'},
 ]
-
-
-def hf_pair(folder: Path) -> tuple[Tokenizer, object]:
-    return Tokenizer.from_dir(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
-
-
-def assert_same_chat(ours: Tokenizer, theirs, messages: list[dict], **kwargs) -> None:
-    for add_generation_prompt in (False, True):
-        text = ours.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-        )
-        expected = theirs.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-        )
-        assert text == expected
-        ids = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        expected_ids = theirs.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, return_dict=False, **kwargs
-        )
-        assert ids == list(expected_ids)
 
 
 @pytest.mark.parametrize(

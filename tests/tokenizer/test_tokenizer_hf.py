@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizer_parity import assert_same_encoding, hf_pair, hf_tokenizer, transformers
 
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "The quick brown fox.",
@@ -22,22 +21,6 @@ TEXTS = [
     "UPPER lower MiXeD 12345 3.14",
     "",
 ]
-
-
-def hf_tokenizer(folder: Path):
-    return transformers.AutoTokenizer.from_pretrained(str(folder))
-
-
-def assert_same_encoding(ours: Tokenizer, theirs, texts: list[str]) -> None:
-    for text in texts:
-        plain = ours.encode(text)
-        assert plain == theirs.encode(text, add_special_tokens=False), text
-        assert ours.encode(text, add_special_tokens=True) == theirs.encode(text), text
-        for ids in (plain, ours.encode(text, add_special_tokens=True)):
-            assert ours.decode(ids) == theirs.decode(ids), text
-            assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
-                ids, skip_special_tokens=True
-            ), text
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +59,7 @@ def test_save_load_round_trip(trained: Tokenizer, trained_dir: Path) -> None:
 
 
 def test_llama3_folder(llama3_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(llama3_dir), hf_tokenizer(llama3_dir)
+    ours, theirs = hf_pair(llama3_dir)
     assert ours.bos_token == "<|begin_of_text|>" and ours.eos_token == "<|eot_id|>"
     assert ours.eot_id == ours.token_to_id("<|eot_id|>")
     assert ours.model_max_length == 131072
@@ -85,7 +68,7 @@ def test_llama3_folder(llama3_dir: Path) -> None:
 
 
 def test_qwen_folder_takes_the_default_template(qwen_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(qwen_dir), hf_tokenizer(qwen_dir)
+    ours, theirs = hf_pair(qwen_dir)
     assert ours.chat_template is not None and ours.chat_template.startswith("{%- if tools %}")
     assert ours.bos_id is None and ours.eos_id == ours.eot_id == ours.token_to_id("<|im_end|>")
     assert ours.pad_id == ours.token_to_id("<|endoftext|>")
@@ -93,7 +76,7 @@ def test_qwen_folder_takes_the_default_template(qwen_dir: Path) -> None:
 
 
 def test_bert_folder_adds_cls_and_sep(bert_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(bert_dir), hf_tokenizer(bert_dir)
+    ours, theirs = hf_pair(bert_dir)
     ids = ours.encode("Hello World", add_special_tokens=True)
     assert ids[0] == ours.token_to_id("[CLS]") and ids[-1] == ours.token_to_id("[SEP]")
     assert ours.pad_id == ours.token_to_id("[PAD]") and ours.bos_id is None
@@ -103,7 +86,7 @@ def test_bert_folder_adds_cls_and_sep(bert_dir: Path) -> None:
 
 
 def test_sentencepiece_folder_with_byte_fallback(sentencepiece_dir: Path) -> None:
-    ours, theirs = Tokenizer.from_dir(sentencepiece_dir), hf_tokenizer(sentencepiece_dir)
+    ours, theirs = hf_pair(sentencepiece_dir)
     ids = ours.encode("日本")
     assert ours.id_to_token(ids[-1]).startswith("<0x")
     assert ours.decode(ids) == "日本"
@@ -119,16 +102,6 @@ def test_resaved_folders_load_in_transformers(fixture: str, request, tmp_path: P
     assert theirs.chat_template == ours.chat_template
     assert_same_encoding(ours, theirs, TEXTS)
     assert Tokenizer.from_dir(tmp_path).special_tokens == ours.special_tokens
-
-
-def test_add_bos_token_is_ignored_like_transformers_5(llama3_dir: Path, tmp_path: Path) -> None:
-    """With a tokenizer.json present, the post-processor (not add_bos_token) decides; here it adds nothing."""
-    state = json.loads((llama3_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    state["post_processor"] = None
-    (tmp_path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
-    (tmp_path / "tokenizer_config.json").write_bytes((llama3_dir / "tokenizer_config.json").read_bytes())
-    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
-    assert ours.encode("hi", add_special_tokens=True) == theirs.encode("hi") == ours.encode("hi")
 
 
 def test_chat_template_jinja_file_wins(trained_dir: Path, tmp_path: Path) -> None:
@@ -149,6 +122,6 @@ def test_special_token_missing_from_vocab_is_added_like_transformers(
     (tmp_path / "tokenizer.json").write_bytes((trained_dir / "tokenizer.json").read_bytes())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "eos_token": "<|eos|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    ours, theirs = hf_pair(tmp_path)
     assert ours.token_to_id("<unk>") == theirs.unk_token_id == ours.vocab_size - 1
     assert_same_encoding(ours, theirs, ["a <unk> b"])

@@ -2,22 +2,33 @@
 
 Design choices
 - `tokenizer.json` is the single source of truth for text <-> ids (normalizer, pre-tokenizer, model,
-  post-processor, decoder), so any HF fast tokenizer works: byte-level BPE (GPT-2, Llama 3),
-  sentencepiece-style BPE with byte fallback (Llama 2, Mistral), WordPiece (BERT).
-  `tokenizer_config.json` only adds names: which tokens are bos/eos/pad/..., the chat template and
-  the maximum length. A sibling `chat_template.jinja` wins over the config's template, as in transformers.
-- `encode` adds no special tokens unless asked; when asked, the tokenizer.json post-processor decides
-  which ([CLS]/[SEP] for BERT, BOS for Llama, `<|bos|>` for lmforge). As in transformers 5,
-  `add_bos_token` / `add_eos_token` in the config are ignored because tokenizer.json is present.
-- A special token named in the config but missing from the vocabulary is appended as an added token,
-  as transformers does, so that both assign the same ids.
+  post-processor, decoder), so any HF fast tokenizer works: byte-level BPE (GPT-2, Llama 3, Qwen),
+  sentencepiece-style BPE with byte fallback (Llama 2, Mistral), WordPiece (BERT), Unigram (T5).
+- Padding and truncation stored in tokenizer.json are switched off on load: lmforge pads and truncates
+  explicitly, with masks, and a sentence-embedding checkpoint that pads every text to 128 ids must not
+  make `encode` return 119 padding ids (transformers, too, applies them only when asked).
+- `tokenizer_config.json` adds what transformers 5 reads from it: which tokens are bos/eos/pad/... (strings,
+  or `{"content": ...}` dicts), extra special tokens (`additional_special_tokens`, `extra_special_tokens`,
+  model-specific `*_token` keys), `added_tokens_decoder`, the chat template (a string, or the one named
+  "default" in a list of named templates), `model_max_length` and `clean_up_tokenization_spaces`.
+  `special_tokens_map.json` is read, and wins, only when the config has no `added_tokens_decoder` (as in
+  transformers). A sibling `chat_template.jinja` wins over the config's template.
+- Tokens named in the config are given to the backend with the calls transformers makes (one `add_tokens`,
+  in the same order, with the same flags), so both assign the same ids and split text the same way.
+- `encode` adds no special tokens unless asked; when asked, the tokenizer.json post-processor decides which
+  ([CLS]/[SEP] for BERT, BOS for Llama, `<|bos|>` for lmforge). Only when tokenizer.json has no post-processor
+  do `add_bos_token` / `add_eos_token` build one (`BOS $A EOS`), as transformers 4's Llama tokenizer did.
+  Deliberate difference: transformers 5 drops both flags whenever tokenizer.json exists, so for such a folder
+  it adds no BOS, although the model was trained with one.
+- `decode` applies `clean_up_tokenization_spaces` ("a ." -> "a.", "do n't" -> "don't") when the config asks,
+  except for BPE models, where transformers 5 skips it because it would corrupt the text.
 - `vocab_size` is the largest id + 1 including added tokens: the rows an embedding table needs.
 - `eot_id` is the token that ends a chat turn, where generation stops: the first of `<|im_end|>`
   (lmforge, Qwen), `<|eot_id|>` (Llama 3), `<end_of_turn>` (Gemma), `<|end|>` (Phi 3) that the vocabulary
-  has, else the eos token.
+  has, else the eos token. A model folder's generation_config.json may name more (`GenerationDefaults`).
 - `save` writes tokenizer.json and a minimal tokenizer_config.json (class PreTrainedTokenizerFast,
-  special tokens, chat template, model_max_length, no clean-up of spaces) that transformers loads
-  and encodes/decodes identically; each file goes to a temporary name and is renamed into place.
+  special tokens, chat template, model_max_length, clean-up of spaces) that transformers loads and
+  encodes/decodes identically; each file goes to a temporary name and is renamed into place.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Any, Literal, overload
 
 import jinja2
 import tokenizers
-from tokenizers import AddedToken
+from tokenizers import AddedToken, models, processors
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.chat import (
@@ -52,6 +63,21 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
+# The fields of an added token in tokenizer_config.json's dict form.
+ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+# transformers' clean_up_tokenization: spaces a word-level tokenizer put before punctuation and contractions.
+CLEAN_UP_REPLACEMENTS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 # Tokens that end a chat turn, most specific first.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 # transformers writes int(1e30) as model_max_length when the length is unknown.
@@ -68,10 +94,12 @@ class Tokenizer:
         special_tokens: Mapping[str, str] | None = None,
         chat_template: str | None = None,
         model_max_length: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
     ) -> None:
         """Wrap `backend`; `special_tokens` maps names like "bos_token" to token strings.
 
         Special tokens missing from the vocabulary are added to `backend` (it is changed in place).
+        `clean_up_tokenization_spaces` makes `decode` remove spaces before punctuation (not for BPE models).
         """
         special_tokens = dict(special_tokens or {})
         unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_NAMES))
@@ -86,6 +114,8 @@ class Tokenizer:
         self._chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
         self.model_max_length = model_max_length
+        self._clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self._cleans_up_spaces = clean_up_tokenization_spaces and not isinstance(backend.model, models.BPE)
         missing = [token for token in self._special_tokens.values() if backend.token_to_id(token) is None]
         if missing:
             backend.add_special_tokens(
@@ -96,7 +126,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` and the optional `tokenizer_config.json` from a folder."""
+        """Load `tokenizer.json` and the optional `tokenizer_config.json` (and special_tokens_map.json)."""
         folder = Path(path)
         if folder.is_file() and folder.name == "tokenizer.json":
             folder = folder.parent
@@ -111,13 +141,20 @@ class Tokenizer:
                 "tokenizer.model can be converted by loading it with transformers and calling save_pretrained)"
             )
         backend = _load_backend(tokenizer_file)
-        config_file = folder / "tokenizer_config.json"
-        config = _read_json_object(config_file) if config_file.is_file() else {}
+        backend.no_padding()
+        backend.no_truncation()
+        config = _tokenizer_config(folder)
+        named = _named_tokens(config)
+        special = [*named.values(), *_extra_tokens(config)]
+        _add_tokens_like_transformers(backend, _added_tokens_decoder(config), special)
+        if backend.post_processor is None:
+            backend.post_processor = _bos_eos_processor(backend, config, named)
         return cls(
             backend,
-            special_tokens=_special_tokens_from_config(config),
+            special_tokens={name: named[name].content for name in SPECIAL_TOKEN_NAMES if name in named},
             chat_template=_chat_template_from(folder, config),
             model_max_length=_max_length_from_config(config),
+            clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces") is True,
         )
 
     def save(self, path: str | Path) -> None:
@@ -127,14 +164,14 @@ class Tokenizer:
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **self._special_tokens,
-            "clean_up_tokenization_spaces": False,
+            "clean_up_tokenization_spaces": self._clean_up_tokenization_spaces,
         }
         if self._chat_template is not None:
             config["chat_template"] = self._chat_template
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        _write_atomic(folder / "tokenizer.json", self._backend.to_str())
-        _write_atomic(
+        write_atomic(folder / "tokenizer.json", self._backend.to_str())
+        write_atomic(
             folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         )
         # transformers prefers chat_template.jinja over the config: keep a stale one from shadowing ours.
@@ -143,7 +180,7 @@ class Tokenizer:
             if self._chat_template is None:
                 jinja_file.unlink()
             else:
-                _write_atomic(jinja_file, self._chat_template)
+                write_atomic(jinja_file, self._chat_template)
 
     # ----- text <-> ids -----------------------------------------------------------------------
 
@@ -158,7 +195,11 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids (any sequence of ints: a list, a tensor's tolist(), numpy ints)."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._cleans_up_spaces:
+            for before, after in CLEAN_UP_REPLACEMENTS:
+                text = text.replace(before, after)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string, or None when it is not in the vocabulary."""
@@ -318,14 +359,15 @@ class Tokenizer:
 # ----- helpers ---------------------------------------------------------------------------------
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; LmforgeError naming the file when it is not one."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LmforgeError(f"{path} is not valid JSON ({err}); re-download or re-save the tokenizer") from err
+        raise LmforgeError(f"{path} is not valid JSON ({err}); re-download or re-save it") from err
     if not isinstance(value, dict):
         raise LmforgeError(
-            f"{path} should hold a JSON object, not {type(value).__name__}; re-save the tokenizer"
+            f"{path} should hold a JSON object, not {type(value).__name__}; re-download or re-save it"
         )
     return value
 
@@ -335,22 +377,120 @@ def _load_backend(path: Path) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_str(text)
     except Exception as err:  # the Rust side raises a bare Exception for any bad file
-        _read_json_object(path)  # names the JSON syntax error when that is the cause
+        read_json_object(path)  # names the JSON syntax error when that is the cause
         raise LmforgeError(
             f"{path} is not a tokenizer the `tokenizers` library can read ({err}); re-download or re-save it"
         ) from err
 
 
-def _special_tokens_from_config(config: Mapping[str, Any]) -> dict[str, str]:
-    """Special tokens given as strings or as {"content": ...} dicts (AddedToken form)."""
-    tokens = {}
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json, with special_tokens_map.json's values over it where transformers reads it.
+
+    transformers 5 reads special_tokens_map.json (a file older saves wrote) only when the config has no
+    `added_tokens_decoder`, and then lets its values win.
+    """
+    config_file = folder / "tokenizer_config.json"
+    config = read_json_object(config_file) if config_file.is_file() else {}
+    map_file = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and map_file.is_file():
+        config = {**config, **read_json_object(map_file)}
+    return config
+
+
+def _added_token(value: str | Mapping[str, Any], name: str, *, special: bool | None = None) -> AddedToken:
+    """A token given as a string (special) or in AddedToken dict form; `special` overrides the dict's flag."""
+    if isinstance(value, str):
+        return AddedToken(value, special=True)
+    if not isinstance(value, Mapping) or not isinstance(value.get("content"), str):
+        raise LmforgeError(
+            f'tokenizer config entry {name} should be a token string or an object with a "content" string, '
+            f"not {value!r:.80}; fix tokenizer_config.json (or special_tokens_map.json)"
+        )
+    fields = {key: value[key] for key in ADDED_TOKEN_FIELDS if key in value}
+    if special is not None:
+        fields["special"] = special
+    return AddedToken(**fields)
+
+
+def _named_tokens(config: Mapping[str, Any]) -> dict[str, AddedToken]:
+    """Named special tokens in transformers' order: the standard names, then model-specific `*_token` keys."""
+    named = {}
     for name in SPECIAL_TOKEN_NAMES:
-        value = config.get(name)
-        if isinstance(value, Mapping):
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            tokens[name] = value
-    return tokens
+        if config.get(name) is not None:
+            named[name] = _added_token(config[name], name, special=True)
+    model_specific = {
+        key: value
+        for key, value in config.items()
+        if key.endswith("_token") and key not in SPECIAL_TOKEN_NAMES and isinstance(value, (str, Mapping))
+    }
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, Mapping):  # transformers 5 reads a dict here as more named tokens
+        model_specific.update(extra)
+    for name, value in model_specific.items():
+        named[name] = _added_token(value, name, special=True)
+    return {name: token for name, token in named.items() if token.content}
+
+
+def _extra_tokens(config: Mapping[str, Any]) -> list[AddedToken]:
+    """Unnamed special tokens: `extra_special_tokens` (transformers 5), else `additional_special_tokens`."""
+    tokens = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    if isinstance(tokens, Mapping):
+        return []  # named tokens; see _named_tokens
+    if not isinstance(tokens, list):
+        raise LmforgeError(
+            f"additional_special_tokens should be a list of tokens, not {tokens!r:.80}; "
+            "fix tokenizer_config.json"
+        )
+    return [_added_token(token, "additional_special_tokens") for token in tokens]
+
+
+def _added_tokens_decoder(config: Mapping[str, Any]) -> list[AddedToken]:
+    """The config's `added_tokens_decoder` ({"id": {"content": ...}}), in id order."""
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, Mapping) or not all(
+        str(key).isdigit() and isinstance(token, Mapping) for key, token in decoder.items()
+    ):
+        raise LmforgeError(
+            'added_tokens_decoder should map token ids to token objects, like {"0": {"content": "<unk>"}}; '
+            "fix tokenizer_config.json or delete the entry (tokenizer.json lists the added tokens too)"
+        )
+    return [_added_token(decoder[key], f"added_tokens_decoder[{key}]") for key in sorted(decoder, key=int)]
+
+
+def _add_tokens_like_transformers(
+    backend: tokenizers.Tokenizer, decoder_tokens: list[AddedToken], special_tokens: list[AddedToken]
+) -> None:
+    """Add the config's tokens with the one call transformers 5 makes, so that every id and flag agrees.
+
+    It re-adds every `added_tokens_decoder` entry (its flags win over tokenizer.json's), then each special
+    token that is not yet an added token, in order.
+    """
+    present = {token.content for token in backend.get_added_tokens_decoder().values()}
+    present.update(token.content for token in decoder_tokens)
+    tokens = list(decoder_tokens)
+    for token in special_tokens:
+        if token.content not in present:
+            tokens.append(token)
+            present.add(token.content)
+    if tokens:
+        backend.add_tokens(tokens)
+
+
+def _bos_eos_processor(
+    backend: tokenizers.Tokenizer, config: Mapping[str, Any], named: Mapping[str, AddedToken]
+) -> processors.TemplateProcessing | None:
+    """`BOS $A EOS` as `add_bos_token` / `add_eos_token` ask, for a tokenizer.json with no post-processor."""
+    bos, eos = (
+        [named[name].content] if config.get(flag) is True and name in named else []
+        for name, flag in (("bos_token", "add_bos_token"), ("eos_token", "add_eos_token"))
+    )
+    if not bos and not eos:
+        return None
+    return processors.TemplateProcessing(
+        single=[*bos, "$A", *eos],
+        pair=[*bos, "$A", *eos, *(f"{token}:1" for token in bos), "$B:1", *(f"{token}:1" for token in eos)],
+        special_tokens=[(token, backend.token_to_id(token)) for token in dict.fromkeys([*bos, *eos])],
+    )
 
 
 def _chat_template_from(folder: Path, config: Mapping[str, Any]) -> str | None:
@@ -360,8 +500,12 @@ def _chat_template_from(folder: Path, config: Mapping[str, Any]) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {item.get("name"): item.get("template") for item in template if isinstance(item, Mapping)}
-        template = named.get("default")
+        if not all(isinstance(item, Mapping) and isinstance(item.get("template"), str) for item in template):
+            raise LmforgeError(
+                'chat_template as a list should hold {"name": ..., "template": ...} objects; '
+                "fix tokenizer_config.json"
+            )
+        template = {item.get("name"): item["template"] for item in template}.get("default")
     return template if isinstance(template, str) else None
 
 
@@ -372,7 +516,7 @@ def _max_length_from_config(config: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name in the same folder, then rename over `path`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -13,6 +13,9 @@ Design choices
   characters when the run is not valid UTF-8, so a valid byte token already emitted can later join an
   invalid run. Text that a tokenizer encoded never does this; only ids no encoder produces (e.g. a model
   emitting a stray continuation byte) can then stream differently from `decode(all_ids)`.
+- Caveat: `clean_up_tokenization_spaces` (honoured by `decode` for WordPiece and Unigram configs that ask
+  for it) rewrites text across token boundaries ("it ' s" -> "it's"), so such a tokenizer can stream
+  text that differs from `decode(all_ids)` where a clean-up spans pieces already emitted.
 """
 
 from __future__ import annotations
