@@ -40,29 +40,17 @@ from lmforge.data.preference import (
     pair_batch,
     read_preference_pairs,
 )
-from lmforge.data.rows import RowLoader, context_length, holdout, iter_row_batches
+from lmforge.data.rows import context_length, holdout
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.logprobs import eval_mode, pair_logps, sequence_logps
 from lmforge.models.heads import RewardModel
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import setup
 from lmforge.train.distributed import init_distributed, unwrap_model
 from lmforge.train.loop import TrainConfig
 from lmforge.train.lora import LoraConfig, lora_disabled
 from lmforge.train.objectives import DPO_LOSSES, Reference, dpo, reward_model_loss
 from lmforge.train.report import Callback
-from lmforge.train.setup import (
-    FinetuneConfig,
-    HeadConfig,
-    Report,
-    RunIO,
-    RunResult,
-    apply_adapters,
-    fit,
-    load_base,
-    out_dir_of,
-    read_recipe,
-    seeded,
-)
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +73,16 @@ class DpoConfig:
             raise LmforgeError(f"dpo.label_smoothing must be in [0, 0.5); got {self.label_smoothing}")
 
 
-REWARD_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": PreferenceDataConfig, "head": HeadConfig,
-                                    "train": TrainConfig, "lora": LoraConfig}
-DPO_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": PreferenceDataConfig, "dpo": DpoConfig,
+REWARD_SECTIONS: dict[str, type] = {"finetune": setup.FinetuneConfig, "data": PreferenceDataConfig,
+                                    "head": setup.HeadConfig, "train": TrainConfig, "lora": LoraConfig}
+DPO_SECTIONS: dict[str, type] = {"finetune": setup.FinetuneConfig, "data": PreferenceDataConfig, "dpo": DpoConfig,
                                  "train": TrainConfig, "lora": LoraConfig}
 
 
 # ---------------------------------------------------------------- data
 
 
-def _read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, report: Report) -> list[EncodedPair]:
+def _read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, report: setup.Report) -> list[EncodedPair]:
     pairs, stats = read_preference_pairs(path)
     encoded = encode_pairs(tokenizer, pairs, seq_len, stats)
     log.info("%s", stats.summary())
@@ -103,7 +91,7 @@ def _read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, report: Report) -
 
 
 def preference_data(data: PreferenceDataConfig, tokenizer: Tokenizer, max_seq_len: int, seed: int,
-                    report: Report) -> tuple[list[EncodedPair], list[EncodedPair]]:
+                    report: setup.Report) -> tuple[list[EncodedPair], list[EncodedPair]]:
     """(train, held-out) encoded pairs: the eval file's, or a seeded eval_fraction of the train file."""
     data.validate()
     seq_len = context_length(data.seq_len, max_seq_len)
@@ -151,36 +139,33 @@ def _quiet(line: str) -> None:
     """The default report: nothing (library code never prints)."""
 
 
-def run_reward(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-               callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_reward(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+               callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Train (or resume) the reward model a recipe describes: Bradley-Terry on preference pairs."""
-    ft, data, head, cfg, lora = read_recipe(recipe, REWARD_SECTIONS)
-    backbone, tokenizer = load_base(ft)
-    train_pairs, eval_pairs = preference_data(data, tokenizer, backbone.config.max_seq_len, cfg.seed, report or _quiet)
-    with seeded(cfg.seed):
+    ft, data, head, cfg, lora = setup.read_recipe(recipe, REWARD_SECTIONS)
+    backbone, tokenizer = setup.load_base(ft)
+    pairs, eval_pairs = preference_data(data, tokenizer, backbone.config.max_seq_len, cfg.seed, report or _quiet)
+    with setup.seeded(cfg.seed):
         model = RewardModel(backbone, head.pooling or None)
-    io = RunIO(tokenizer, apply_adapters(model, lora, cfg.seed, ["score"]), ft.base)
-    info = init_distributed()
+    io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed, ["score"]), ft.base)
+    run = setup.Run(setup.out_dir_of(recipe, "reward"), cfg, init_distributed(), progress, callbacks, ft.merge)
     collate = partial(pair_batch, pad_id=tokenizer.padding_id)
-    loader = RowLoader(train_pairs, collate, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    evals = (lambda: iter_row_batches(eval_pairs, collate, cfg.batch_size)) if eval_pairs else None
-    return RunResult(fit(model, reward_model_loss, loader, io, cfg, out_dir_of(recipe, "reward"), info=info,
-                         make_eval_batches=evals, progress=progress, callbacks=callbacks, merge=ft.merge))
+    return setup.RunResult(run.fit_rows(model, reward_model_loss, io, pairs, eval_pairs, collate))
 
 
-def run_dpo(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-            callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_dpo(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+            callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Train (or resume) the DPO run a recipe describes."""
-    ft, data, dpo_cfg, cfg, lora = read_recipe(recipe, DPO_SECTIONS)
-    model, tokenizer = load_base(ft)
-    train_pairs, eval_pairs = preference_data(data, tokenizer, model.config.max_seq_len, cfg.seed, report or _quiet)
-    info = init_distributed()
-    model.to(info.device)
-    io = RunIO(tokenizer, apply_adapters(model, lora, cfg.seed), ft.base)
+    ft, data, dpo_cfg, cfg, lora = setup.read_recipe(recipe, DPO_SECTIONS)
+    model, tokenizer = setup.load_base(ft)
+    pairs, eval_pairs = preference_data(data, tokenizer, model.config.max_seq_len, cfg.seed, report or _quiet)
+    run = setup.Run(setup.out_dir_of(recipe, "dpo"), cfg, init_distributed(), progress, callbacks, ft.merge)
+    model.to(run.info.device)
+    io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed), ft.base)
     pad = tokenizer.padding_id
     if dpo_cfg.precompute_ref:
         with lora_disabled(model):  # the initial model: the same weights with or without (zero) adapters
-            train_pairs = with_reference(train_pairs, pair_logps(model, train_pairs, cfg.batch_size, pad))
+            pairs = with_reference(pairs, pair_logps(model, pairs, cfg.batch_size, pad))
             if eval_pairs:
                 eval_pairs = with_reference(eval_pairs, pair_logps(model, eval_pairs, cfg.batch_size, pad))
         reference: Reference = precomputed_reference
@@ -189,11 +174,7 @@ def run_dpo(recipe: dict[str, Any], *, progress: bool = False, report: Report | 
     else:
         reference = frozen_reference(copy.deepcopy(model))
     objective = dpo(reference, beta=dpo_cfg.beta, loss=dpo_cfg.loss, label_smoothing=dpo_cfg.label_smoothing)
-    collate = partial(pair_batch, pad_id=pad)
-    loader = RowLoader(train_pairs, collate, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    evals = (lambda: iter_row_batches(eval_pairs, collate, cfg.batch_size)) if eval_pairs else None
-    return RunResult(fit(model, objective, loader, io, cfg, out_dir_of(recipe, "dpo"), info=info,
-                         make_eval_batches=evals, progress=progress, callbacks=callbacks, merge=ft.merge))
+    return setup.RunResult(run.fit_rows(model, objective, io, pairs, eval_pairs, partial(pair_batch, pad_id=pad)))
 
 
 __all__ = ["DPO_SECTIONS", "REWARD_SECTIONS", "DpoConfig", "preference_data", "run_dpo", "run_reward"]

@@ -24,43 +24,31 @@ from typing import Any
 
 from lmforge.checkpoint.io import write_json
 from lmforge.data.classification import ClassifyDataConfig, collate_classification, load_classification_data
-from lmforge.data.rows import RowLoader, context_length, iter_row_batches
+from lmforge.data.rows import context_length, iter_row_batches
 from lmforge.data.sft import SftDataConfig, collate_sft, load_sft_data, sequences
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.classification import evaluate_classifier
 from lmforge.models.heads import SequenceClassifier
-from lmforge.train import objectives
+from lmforge.train import objectives, setup
 from lmforge.train.distributed import init_distributed
 from lmforge.train.loop import TrainConfig
 from lmforge.train.lora import LoraConfig
 from lmforge.train.report import Callback
-from lmforge.train.setup import (
-    FinetuneConfig,
-    HeadConfig,
-    Report,
-    RunIO,
-    RunResult,
-    apply_adapters,
-    fit,
-    load_base,
-    out_dir_of,
-    read_recipe,
-    seeded,
-)
 
 log = logging.getLogger(__name__)
 
 EVAL_REPORT = "eval_report.json"
-SFT_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": SftDataConfig, "train": TrainConfig, "lora": LoraConfig}
-CLASSIFY_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": ClassifyDataConfig, "head": HeadConfig,
-                                      "train": TrainConfig, "lora": LoraConfig}
+SFT_SECTIONS: dict[str, type] = {"finetune": setup.FinetuneConfig, "data": SftDataConfig, "train": TrainConfig,
+                                 "lora": LoraConfig}
+CLASSIFY_SECTIONS: dict[str, type] = {"finetune": setup.FinetuneConfig, "data": ClassifyDataConfig,
+                                      "head": setup.HeadConfig, "train": TrainConfig, "lora": LoraConfig}
 
 
-def run_sft(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-            callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_sft(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+            callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Run (or resume) the supervised fine-tuning a recipe describes."""
-    ft, data_cfg, cfg, lora = read_recipe(recipe, SFT_SECTIONS)
-    model, tokenizer = load_base(ft)
+    ft, data_cfg, cfg, lora = setup.read_recipe(recipe, SFT_SECTIONS)
+    model, tokenizer = setup.load_base(ft)
     if model.config.kind != "decoder":
         raise LmforgeError(f"sft trains a decoder; {ft.base} is an encoder (fine-tune it with `lmforge classify`)")
     seq_len = context_length(data_cfg.seq_len, model.config.max_seq_len)
@@ -69,41 +57,34 @@ def run_sft(recipe: dict[str, Any], *, progress: bool = False, report: Report | 
     for split, stats in data.stats.items():
         say(f"{split} data: {stats.summary(seq_len)}")
     say(f"{len(data.train)} train and {len(data.eval)} eval examples" + (", packed" if data_cfg.pack else ""))
-    info = init_distributed()
-    io = RunIO(tokenizer, apply_adapters(model, lora, cfg.seed), ft.base)
+    run = setup.Run(setup.out_dir_of(recipe, "sft"), cfg, init_distributed(), progress, callbacks, ft.merge)
+    io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed), ft.base)
     collate = partial(collate_sft, pad_id=tokenizer.padding_id, packed=data_cfg.pack)
-    train_rows = sequences(data.train, seq_len, data_cfg.pack, cfg.seed)
+    rows = sequences(data.train, seq_len, data_cfg.pack, cfg.seed)
     eval_rows = sequences(data.eval, seq_len, data_cfg.pack, cfg.seed)
-    loader = RowLoader(train_rows, collate, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    evals = (lambda: iter_row_batches(eval_rows, collate, cfg.batch_size)) if eval_rows else None
-    result = fit(model, objectives.sft, loader, io, cfg, out_dir_of(recipe, "sft"), info=info, make_eval_batches=evals,
-                 progress=progress, callbacks=callbacks, merge=ft.merge)
-    return RunResult(result)
+    return setup.RunResult(run.fit_rows(model, objectives.sft, io, rows, eval_rows, collate))
 
 
-def run_classify(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-                 callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_classify(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+                 callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Run (or resume) the classifier training a recipe describes; score the evaluation split at the end."""
-    ft, data_cfg, head, cfg, lora = read_recipe(recipe, CLASSIFY_SECTIONS)
-    backbone, tokenizer = load_base(ft)
+    ft, data_cfg, head, cfg, lora = setup.read_recipe(recipe, CLASSIFY_SECTIONS)
+    backbone, tokenizer = setup.load_base(ft)
     seq_len = context_length(data_cfg.seq_len, backbone.config.max_seq_len)
     data = load_classification_data(data_cfg, tokenizer, seq_len, cfg.seed)
     cut = f"; {data.truncated} texts cut to {seq_len} tokens" if data.truncated else ""
     (report or log.info)(f"{len(data.train)} train and {len(data.eval)} eval texts, labels {data.labels}{cut}")
-    info = init_distributed()
-    with seeded(cfg.seed):
+    run = setup.Run(setup.out_dir_of(recipe, "classify"), cfg, init_distributed(), progress, callbacks, ft.merge)
+    with setup.seeded(cfg.seed):
         model = SequenceClassifier(backbone, len(data.labels), head.pooling or None, data.labels)
-    io = RunIO(tokenizer, apply_adapters(model, lora, cfg.seed, ["score"]), ft.base)
+    io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed, ["score"]), ft.base)
     collate = partial(collate_classification, pad_id=tokenizer.padding_id)
-    loader = RowLoader(data.train, collate, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    evals = (lambda: iter_row_batches(data.eval, collate, cfg.batch_size)) if data.eval else None
-    result = fit(model, objectives.classification, loader, io, cfg, out_dir_of(recipe, "classify"), info=info,
-                 make_eval_batches=evals, progress=progress, callbacks=callbacks, merge=ft.merge)
+    result = run.fit_rows(model, objectives.classification, io, data.train, data.eval, collate)
     scores = None
-    if data.eval and info.is_main:
+    if data.eval and run.info.is_main:
         scores = evaluate_classifier(model, iter_row_batches(data.eval, collate, cfg.batch_size), data.labels)
         write_json(result.out_dir / EVAL_REPORT, dataclasses.asdict(scores))
-    return RunResult(result, scores)
+    return setup.RunResult(result, scores)
 
 
 __all__ = ["CLASSIFY_SECTIONS", "EVAL_REPORT", "SFT_SECTIONS", "run_classify", "run_sft"]

@@ -81,22 +81,12 @@ from lmforge.evaluate.scoring import score_texts
 from lmforge.generate.engine import Engine, Request
 from lmforge.generate.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import setup
 from lmforge.train.distributed import init_distributed
 from lmforge.train.loop import TrainConfig, autocast_for
 from lmforge.train.lora import LoraConfig, lora_disabled
 from lmforge.train.objectives import group_advantages, grpo
 from lmforge.train.report import Callback, plot_curves, read_metrics
-from lmforge.train.setup import (
-    FinetuneConfig,
-    Report,
-    RunIO,
-    RunResult,
-    apply_adapters,
-    fit,
-    load_base,
-    out_dir_of,
-    read_recipe,
-)
 
 log = logging.getLogger(__name__)
 
@@ -457,32 +447,30 @@ class RewardPlot(Callback):
 # ---------------------------------------------------------------- the run
 
 
-GRPO_SECTIONS: dict[str, type] = {"finetune": FinetuneConfig, "data": PreferenceDataConfig, "grpo": GrpoConfig,
+GRPO_SECTIONS: dict[str, type] = {"finetune": setup.FinetuneConfig, "data": PreferenceDataConfig, "grpo": GrpoConfig,
                                   "train": TrainConfig, "lora": LoraConfig}
 
 
-def run_grpo(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-             callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_grpo(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+             callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Train (or resume) the GRPO run a recipe describes."""
-    ft, data, cfg, train_cfg, lora = read_recipe(recipe, GRPO_SECTIONS)
-    info = init_distributed()
-    rewards = Rewards.from_config(cfg, info.device)  # a bad function path fails before the model loads
-    model, tokenizer = load_base(ft)
+    ft, data, cfg, train_cfg, lora = setup.read_recipe(recipe, GRPO_SECTIONS)
+    out_dir = setup.out_dir_of(recipe, "grpo")
+    run = setup.Run(out_dir, train_cfg, init_distributed(), progress, [*callbacks, RewardPlot(out_dir)], ft.merge)
+    rewards = Rewards.from_config(cfg, run.info.device)  # a bad function path fails before the model loads
+    model, tokenizer = setup.load_base(ft)
     data.require_train('a JSONL file of {"prompt": ...} rows')
     data.validate()
     rows = read_prompt_rows(data.train)
     rows, eval_rows = (rows, read_prompt_rows(data.eval)) if data.eval else holdout(rows, data.eval_fraction, train_cfg.seed)
     if report:
         report(f"{data.train}: {len(rows)} training prompts, {len(eval_rows)} held out")
-    model.to(info.device)
-    io = RunIO(tokenizer, apply_adapters(model, lora, train_cfg.seed), ft.base)
+    model.to(run.info.device)
+    io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, train_cfg.seed), ft.base)
     reference = None
     if cfg.kl_beta and io.lora is None:
         reference = copy.deepcopy(model).requires_grad_(False)
     loader = RolloutLoader(model, tokenizer, rows, rewards, cfg, train_cfg, reference=reference,
-                           rank=info.rank, world_size=info.world_size)
+                           rank=run.info.rank, world_size=run.info.world_size)
     evals = (lambda: loader.eval_batches(eval_rows)) if eval_rows else None
-    out_dir = out_dir_of(recipe, "grpo")
-    return RunResult(fit(model, grpo(clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta), loader, io, train_cfg, out_dir,
-                         info=info, make_eval_batches=evals, progress=progress,
-                         callbacks=[*callbacks, RewardPlot(out_dir)], merge=ft.merge))
+    return setup.RunResult(run.fit(model, grpo(clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta), io, loader, evals))

@@ -21,11 +21,11 @@ from lmforge.data.rows import context_length
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import setup
 from lmforge.train.distributed import init_distributed
 from lmforge.train.loop import Objective, TrainConfig
 from lmforge.train.objectives import causal_lm, masked_lm
 from lmforge.train.report import Callback
-from lmforge.train.setup import Report, RunIO, RunResult, fit, out_dir_of, read_recipe, seeded
 
 
 @dataclass
@@ -57,10 +57,10 @@ def _model_config(values: dict[str, Any], tokenizer: Tokenizer) -> ModelConfig:
                         pad_id=tokenizer.pad_id)
 
 
-def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: Report | None = None,
-                 callbacks: Sequence[Callback] = ()) -> RunResult:
+def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setup.Report | None = None,
+                 callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Run (or resume) the pretraining a recipe describes."""
-    model_values, data, cfg = read_recipe(recipe, PRETRAIN_SECTIONS)
+    model_values, data, cfg = setup.read_recipe(recipe, PRETRAIN_SECTIONS)
     if not data.shards:
         raise LmforgeError("data.shards is not set; run `lmforge prepare` and pass its --out folder")
     shards_dir = Path(data.shards)
@@ -75,17 +75,16 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: Repo
     if report:
         report(f"{train_shards.n_tokens:,} train and {val_shards.n_tokens:,} validation tokens")
 
-    info = init_distributed()
-    with seeded(cfg.seed):  # the same initial weights on every rank and every run
+    run = setup.Run(setup.out_dir_of(recipe, "pretrain"), cfg, init_distributed(), progress, callbacks)
+    with setup.seeded(cfg.seed):  # the same initial weights on every rank and every run
         model = build_model(config)
+    info = run.info
     loader = TokenLoader(train_shards, cfg.batch_size, seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
 
     def eval_batches():
         return iter_eval_batches(val_shards, cfg.batch_size, seq_len, cfg.eval_batches or None)
 
-    return RunResult(fit(model, objective_for(model, tokenizer), loader, RunIO(tokenizer), cfg,
-                         out_dir_of(recipe, "pretrain"), info=info, make_eval_batches=eval_batches,
-                         progress=progress, callbacks=callbacks))
+    return setup.RunResult(run.fit(model, objective_for(model, tokenizer), setup.RunIO(tokenizer), loader, eval_batches))
 
 
 __all__ = ["PRETRAIN_SECTIONS", "ShardsDataConfig", "objective_for", "run_pretrain"]

@@ -48,6 +48,7 @@ from lmforge.checkpoint.heads import (
 )
 from lmforge.checkpoint.io import load_checked, read_tensors
 from lmforge.config import ModelConfig, build
+from lmforge.data.rows import Collate, RowLoader, iter_row_batches
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.classification import ClassificationReport
 from lmforge.models.heads import PooledHead, build_head
@@ -237,16 +238,34 @@ class RunResult:
         return f"done: {self.train.step} steps, checkpoint in {self.train.out_dir}" + (f" ({shown})" if shown else "")
 
 
-def fit(model: nn.Module, objective: Objective, loader: Loader, io: RunIO, cfg: TrainConfig, out_dir: Path, *,
-        info: DistInfo, make_eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None = None,
-        progress: bool = False, callbacks: Sequence[Callback] = (), merge: bool = False) -> TrainResult:
-    """Run the one loop with this run's checkpoint functions and, if asked, a progress bar; merge LoRA at the end."""
-    cbs = [*callbacks, *([ProgressBar(cfg.steps)] if progress else [])]
-    result = train(model, objective, loader, cfg, out_dir, make_eval_batches=make_eval_batches, save_model=io.save,
-                   load_model=io.load, callbacks=cbs, dist_info=info)
-    if io.lora is not None and merge and info.is_main:
-        io.export_merged(model, out_dir)
-    return result
+@dataclass
+class Run:
+    """What a verb's run holds once its recipe is read: where it goes, how it trains, on which process."""
+
+    out_dir: Path
+    train: TrainConfig
+    info: DistInfo
+    progress: bool = False  # show a progress bar
+    callbacks: Sequence[Callback] = ()
+    merge: bool = False  # with LoRA: write the merged model at the end (`finetune.merge`)
+
+    def fit(self, model: nn.Module, objective: Objective, io: RunIO, loader: Loader,
+            make_eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None = None) -> TrainResult:
+        """The one loop with this run's checkpoint functions and progress bar; LoRA merged at the end."""
+        cbs = [*self.callbacks, *([ProgressBar(self.train.steps)] if self.progress else [])]
+        result = train(model, objective, loader, self.train, self.out_dir, make_eval_batches=make_eval_batches,
+                       save_model=io.save, load_model=io.load, callbacks=cbs, dist_info=self.info)
+        if io.lora is not None and self.merge and self.info.is_main:
+            io.export_merged(model, self.out_dir)
+        return result
+
+    def fit_rows(self, model: nn.Module, objective: Objective, io: RunIO, rows: Sequence[Any],
+                 eval_rows: Sequence[Any], collate: Collate) -> TrainResult:
+        """`fit` over rows: this rank's shuffled resumable batches of `rows`, evaluation on all of `eval_rows`."""
+        cfg, info = self.train, self.info
+        loader = RowLoader(rows, collate, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+        evals = (lambda: iter_row_batches(eval_rows, collate, cfg.batch_size)) if eval_rows else None
+        return self.fit(model, objective, io, loader, evals)
 
 
 # ---------------------------------------------------------------- adapters after training
@@ -296,11 +315,11 @@ __all__ = [
     "RENAMED_KEYS",
     "FinetuneConfig",
     "HeadConfig",
+    "Run",
     "RunIO",
     "RunResult",
     "adapter_base",
     "apply_adapters",
-    "fit",
     "is_adapter_only",
     "load_base",
     "merge_adapter",
