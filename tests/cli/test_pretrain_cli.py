@@ -26,7 +26,7 @@ def shards(tmp_path_factory):
     (root / "corpus.txt").write_text(TEXT)
     out = lmforge_cli("tokenizer", "train", root / "corpus.txt", "--vocab-size", "256", "--out", root / "tok")
     assert out.returncode == 0, out.stderr
-    out = lmforge_cli("prepare", root / "corpus.txt", "--tokenizer", root / "tok", "--out", root / "data", "--val-fraction", "0.1")
+    out = lmforge_cli("prepare", root / "corpus.txt", "--tokenizer", root / "tok", "--out", root / "data", "--eval-fraction", "0.1")
     assert out.returncode == 0, out.stderr
     return root / "data"
 
@@ -48,7 +48,9 @@ def test_pretrain_end_to_end(shards, tmp_path):
     assert "eval_bpb" in evals[-1]
     lm = lmforge.load(run)
     assert lm.config.n_layers == 2 and lm.tokenizer is not None
-    assert isinstance(lm.generate("To be", max_new_tokens=10, temperature=0), str)
+    text = lm.generate("To be", max_new_tokens=10, temperature=0)
+    assert text and text == lm.generate("To be", max_new_tokens=10, temperature=0)  # greedy is deterministic
+    assert len(lm.tokenizer.encode(text)) <= 10
 
 
 def test_resume_with_a_different_shape_is_one_line(shards, tmp_path):
@@ -85,3 +87,11 @@ def test_help_documents_every_key():
 def test_bad_override_value_is_one_line():
     out = lmforge_cli("pretrain", "--train.steps", "many")
     assert out.returncode == 2 and "--train.steps expects a int" in out.stderr
+
+
+def test_shards_from_another_tokenizer_are_one_line(shards, tmp_path):
+    (tmp_path / "other.txt").write_text("completely different words " * 200)
+    assert lmforge_cli("tokenizer", "train", tmp_path / "other.txt", "--vocab-size", "300", "--out", tmp_path / "tok").returncode == 0
+    out = pretrain(shards, tmp_path / "run", "--data.tokenizer", tmp_path / "tok")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "was prepared with a different tokenizer" in out.stderr and not (tmp_path / "run").exists()

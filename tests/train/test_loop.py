@@ -27,7 +27,7 @@ from lmforge.train.loop import (
     scale_and_clip_,
     train,
 )
-from lmforge.train.monitor import LossSpikeDetector, NonFiniteGuard, grad_norms, is_finite
+from lmforge.train.monitor import LossSpikeDetector, NonFiniteGuard
 from lmforge.train.report import Callback, ProgressBar, StopTraining, read_metrics
 
 
@@ -181,7 +181,6 @@ def test_guard_and_monitor_helpers() -> None:
     assert not guard.check(1.0, math.inf, 4, None)
     with pytest.raises(LmforgeError, match=r"2 consecutive steps at step 5.*none was written yet"):
         guard.check(math.nan, math.nan, 5, None)
-    assert is_finite(torch.tensor([1.0, 2.0])) and not is_finite(torch.tensor([1.0, math.nan]))
 
     detector = LossSpikeDetector(window=10, threshold=3.0, min_history=5)
     assert not any(detector.update(2.0 + 0.01 * (i % 3)) for i in range(10))
@@ -190,13 +189,6 @@ def test_guard_and_monitor_helpers() -> None:
     restored = LossSpikeDetector(window=10, threshold=3.0, min_history=5)
     restored.load_state_dict(json.loads(json.dumps(detector.state_dict())))
     assert restored.history == detector.history
-
-    model = ToyLM(dropout=0.0)
-    causal_lm(model, make_batch(np.random.default_rng(0), 2)).loss_sum.backward()
-    per_param = grad_norms(model)
-    per_layer = grad_norms(model, depth=1)
-    assert set(per_layer) == {"emb", "fc", "norm", "head"}
-    assert per_layer["fc"] == pytest.approx(math.hypot(per_param["fc.weight"], per_param["fc.bias"]))
 
 
 # ---------------------------------------------------------------------------- evaluation

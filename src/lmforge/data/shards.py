@@ -38,6 +38,15 @@ META_VERSION = 1
 _PROBE_TEXT = "The quick brown fox, 1234567 jumps!\n\tdéjà vu — 東京 😀\ndef f(x):\n    return x ** 2\n\n"
 
 
+@dataclass
+class ShardsDataConfig:
+    """Where pretraining tokens come from; the `data:` section of a pretrain recipe."""
+
+    shards: str = ""  # folder written by `lmforge prepare` (train_*.bin, val_*.bin, meta.json)
+    tokenizer: str = ""  # tokenizer folder (tokenizer.json); default: the shards folder's tokenizer/
+    seq_len: int = 0  # tokens per training sequence; 0 = the model's max_seq_len
+
+
 class TokenizerLike(Protocol):
     """What `prepare` and `TokenShards.check_tokenizer` need from a tokenizer."""
 

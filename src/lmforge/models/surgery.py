@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from torch import Tensor, nn
+from torch import nn
 
 
 def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -36,11 +36,6 @@ def unmatched(patterns: list[str], names: list[str]) -> list[str]:
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or a linear-like module that stores its weight in another form (QuantLinear)."""
     return isinstance(module, nn.Linear) or callable(getattr(module, "dequantize", None))
-
-
-def dense_weight(linear: nn.Module) -> Tensor:
-    """The (out, in) weight matrix of a linear-like module, as a float tensor."""
-    return linear.weight if isinstance(linear, nn.Linear) else linear.dequantize()
 
 
 def tied_modules(model: nn.Module) -> set[str]:

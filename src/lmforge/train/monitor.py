@@ -1,4 +1,4 @@
-"""Training health checks: gradient norms per layer, loss-spike detection, the non-finite guard.
+"""Training health checks: loss-spike detection and the non-finite guard.
 
 Design choices:
 - Everything here is a pure function or a small object with `state_dict` / `load_state_dict`,
@@ -17,33 +17,7 @@ import math
 from collections import deque
 from typing import Any
 
-import torch
-from torch import nn
-
 from lmforge.errors import LmforgeError
-
-
-def is_finite(value: torch.Tensor | float) -> bool:
-    """True when `value` (a float or a tensor of any shape) has no NaN or infinity."""
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value).all().item())
-    return math.isfinite(value)
-
-
-def grad_norms(model: nn.Module, depth: int | None = None) -> dict[str, float]:
-    """L2 norm of the gradient per parameter, or per layer when `depth` is given.
-
-    With `depth=k` parameter names are grouped by their first k dotted parts, e.g. depth=2
-    puts `blocks.0.attn.qkv.weight` and `blocks.0.mlp.fc.weight` under `blocks.0`.
-    Parameters without a gradient are left out.
-    """
-    squares: dict[str, float] = {}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        key = name if depth is None else ".".join(name.split(".")[:depth])
-        squares[key] = squares.get(key, 0.0) + float(param.grad.detach().float().pow(2).sum())
-    return {key: math.sqrt(total) for key, total in squares.items()}
 
 
 class LossSpikeDetector:

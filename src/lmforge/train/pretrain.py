@@ -9,15 +9,14 @@ and the shared checkpoint functions (`setup.RunIO`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lmforge.config import ModelConfig, model_config
-from lmforge.data import TokenLoader, TokenShards, iter_eval_batches
 from lmforge.data.rows import context_length
+from lmforge.data.shards import ShardsDataConfig, TokenLoader, TokenShards, iter_eval_batches
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
@@ -26,16 +25,6 @@ from lmforge.train.distributed import init_distributed
 from lmforge.train.loop import Objective, TrainConfig
 from lmforge.train.objectives import causal_lm, masked_lm
 from lmforge.train.report import Callback
-
-
-@dataclass
-class ShardsDataConfig:
-    """Where the training tokens come from; the `data:` section of a pretrain recipe."""
-
-    shards: str = ""  # folder written by `lmforge prepare` (train_*.bin, val_*.bin, meta.json)
-    tokenizer: str = ""  # tokenizer folder (tokenizer.json); default: the shards folder's tokenizer/
-    seq_len: int = 0  # tokens per training sequence; 0 = the model's max_seq_len
-
 
 PRETRAIN_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": ShardsDataConfig, "train": TrainConfig}
 
@@ -69,6 +58,7 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
     seq_len = context_length(data.seq_len, config.max_seq_len)
     train_shards, val_shards = TokenShards.open(shards_dir, "train"), TokenShards.open(shards_dir, "val")
     for shards in (train_shards, val_shards):
+        shards.check_tokenizer(tokenizer)  # the tokenizer that prepared them, not just one of the same size
         shards.check_vocab(config.vocab_size)
     if cfg.bytes_per_token is None and val_shards.n_tokens:
         cfg.bytes_per_token = val_shards.n_bytes / val_shards.n_tokens
@@ -87,4 +77,4 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
     return setup.RunResult(run.fit(model, objective_for(model, tokenizer), setup.RunIO(tokenizer), loader, eval_batches))
 
 
-__all__ = ["PRETRAIN_SECTIONS", "ShardsDataConfig", "objective_for", "run_pretrain"]
+__all__ = ["PRETRAIN_SECTIONS", "objective_for", "run_pretrain"]
