@@ -75,10 +75,16 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: Mapping[str, typ
             group.add_argument("--model.preset", dest="model.preset", help=f"start from a preset: {', '.join(PRESETS)}")
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="V",
-                               help=f"{field_comments(cls).get(f.name, '')} (type {f.type})")
+                               help=f"{field_comments(cls).get(f.name, '')} ({f.type}, default {_default(f)!r})")
     for (old_section, old_key), (section, _) in (renamed or {}).items():
         if section in sections:
             parser.add_argument(f"--{old_section}.{old_key}", dest=f"{old_section}.{old_key}", help=argparse.SUPPRESS)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default as the user would write it (the `%` of argparse help escaped)."""
+    value = f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+    return str(value).replace("%", "%%") if isinstance(value, str) else value
 
 
 def _field_type(sections: Mapping[str, type], renamed: Mapping[tuple[str, str], tuple[str, str]],

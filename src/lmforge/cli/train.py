@@ -58,7 +58,6 @@ def _recipe_setup(name: str, description: str | None = None) -> Setup:
 
         sections, run = _recipe_verb(name)
         p.description = description or p.description
-        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
         add_config_flags(p, sections, RENAMED_KEYS)
         p.set_defaults(func=lambda args: _run_recipe(args, sections, run))
 
