@@ -50,6 +50,10 @@ def test_old_recipe_keys_still_work_with_a_one_line_warning(caplog):
     assert "recipe key data.max_len is deprecated; use data.seq_len" in warnings
     finetune, _, head, *_ = read_recipe({"reward": {"base": "b", "pooling": "mean"}}, REWARD_SECTIONS)  # a whole section moves
     assert (finetune.base, head.pooling) == ("b", "mean")
+    finetune, *_ = read_recipe({"finetune": None, "dpo": {"base": "old"}}, DPO_SECTIONS)  # `finetune:` left empty in YAML
+    assert finetune.base == "old"
+    finetune, *_ = read_recipe({"finetune": {"base": "new"}, "dpo": {"base": "old"}}, DPO_SECTIONS)
+    assert finetune.base == "new"  # today's key wins over the old one
 
 
 def test_unknown_section_is_one_line():

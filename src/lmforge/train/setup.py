@@ -113,7 +113,9 @@ def renamed(recipe: Mapping[str, Any]) -> dict[str, Any]:
         value = values.pop(old_key)
         if not values and old_section != section:
             del out[old_section]
-        out.setdefault(section, {}).setdefault(key, value)
+        if out.get(section) is None:  # absent, or an empty YAML section
+            out[section] = {}
+        out[section].setdefault(key, value)  # the new name wins when both are given
     return out
 
 
