@@ -8,12 +8,14 @@ import torch
 from lmforge.checkpoint import load_model
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
-from lmforge.generate.engine import Engine, Request, beam_search, speculative_generate
+from lmforge.generate.engine import Engine, Request, SpeculationStats, beam_search, speculative_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models import build_model
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import hf_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is fastest, above all on a shared host
 
 
 def hf_greedy(model, prompt, n):
@@ -118,18 +120,42 @@ def test_generation_stops_at_context_end():
     assert res.finish_reason == "length" and len(res.tokens) == 7  # 10 + 7 = 17 positions: the last token is never fed back
 
 
+def tokens_and_finish(events):
+    events = list(events)
+    return [t.token for t in events], events[-1].finish_reason
+
+
+def plain(model, request):
+    return tokens_and_finish(Engine(model, n_slots=1).stream(request))
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
 def test_speculative_greedy_equals_plain_greedy(name):
     target = tiny(name)
     torch.manual_seed(1)
     draft = build_model(preset(name, n_layers=1)).eval()
-    prompt = list(range(3, 20))
-    plain = Engine(target).generate([Request(prompt, max_new_tokens=40)])[0].tokens
-    spec = speculative_generate(target, draft, prompt, max_new_tokens=40, k=4)
-    assert spec.tokens == plain
-    assert 0.0 <= spec.acceptance_rate <= 1.0
-    self_spec = speculative_generate(target, target, prompt, max_new_tokens=40, k=4)
-    assert self_spec.tokens == plain and self_spec.acceptance_rate == 1.0
+    request = lambda: Request(list(range(3, 20)), max_new_tokens=40)  # noqa: E731
+    want = plain(target, request())
+    stats = SpeculationStats()
+    assert tokens_and_finish(speculative_stream(target, draft, request(), k=4, stats=stats)) == want
+    assert stats.proposed > 0 and 0.0 <= stats.acceptance_rate <= 1.0
+    self_stats = SpeculationStats()
+    assert tokens_and_finish(speculative_stream(target, target, request(), k=4, stats=self_stats)) == want
+    assert self_stats.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_stops_where_plain_decoding_stops(k):
+    """At a stop token, at max_new_tokens, and at the end of the context (the last few tokens come from the target alone)."""
+    target = tiny(max_seq_len=24)
+    torch.manual_seed(1)
+    draft = build_model(preset("tiny-llama", n_layers=1, max_seq_len=24)).eval()
+    free, _ = plain(target, Request([1, 2, 3], max_new_tokens=12))
+    stop_at = frozenset({free[5]})
+    for request in (lambda: Request([1, 2, 3], max_new_tokens=12, stop_ids=stop_at),
+                    lambda: Request([1, 2, 3], max_new_tokens=7),
+                    lambda: Request(list(range(10)), max_new_tokens=100)):
+        assert tokens_and_finish(speculative_stream(target, draft, request(), k=k)) == plain(target, request())
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
@@ -142,16 +168,27 @@ def test_speculative_sampling_keeps_the_target_distribution():
         p = target(torch.tensor([[1, 2]]))[0, -1].softmax(-1)
     counts = torch.zeros(8)
     for seed in range(600):
-        res = speculative_generate(target, draft, [1, 2], max_new_tokens=1, k=2, sampling=SamplingParams(temperature=1.0, seed=seed))
-        counts[res.tokens[0]] += 1
+        request = Request([1, 2], max_new_tokens=1, sampling=SamplingParams(temperature=1.0, seed=seed))
+        counts[next(speculative_stream(target, draft, request, k=2)).token] += 1
     assert (counts / counts.sum() - p).abs().max() < 0.06
+
+
+@pytest.mark.parametrize(("draft_overrides", "request_overrides", "words"), [
+    ({"vocab_size": 100}, {}, "vocabulary of 100"),
+    ({}, {"sampling": SamplingParams(repetition_penalty=1.2)}, "repetition_penalty=1.2"),
+    ({}, {"logprobs": 0}, "log-probs"),
+])
+def test_speculative_refuses_what_it_cannot_do_exactly(draft_overrides, request_overrides, words):
+    target, draft = tiny(), tiny(n_layers=1, **draft_overrides)
+    with pytest.raises(LmforgeError, match=words):
+        next(speculative_stream(target, draft, Request([1, 2, 3], **request_overrides)))
 
 
 def test_beam_search_width_one_is_greedy_and_wider_scores_no_worse():
     model = tiny()
     prompt = [4, 8, 15, 16]
-    greedy = Engine(model).generate([Request(prompt, max_new_tokens=8)])[0].tokens
-    assert beam_search(model, prompt, width=1, max_new_tokens=8) == greedy
+    greedy, _ = plain(model, Request(prompt, max_new_tokens=8))
+    assert [t.token for t in beam_search(model, Request(prompt, max_new_tokens=8), width=1)] == greedy
 
     def score(seq):
         ids = torch.tensor([prompt + seq])
@@ -159,5 +196,39 @@ def test_beam_search_width_one_is_greedy_and_wider_scores_no_worse():
             lp = model(ids).log_softmax(-1)[0, len(prompt) - 1 : -1]
         return lp.gather(-1, torch.tensor(seq)[:, None]).sum().item()
 
-    wide = beam_search(model, prompt, width=4, max_new_tokens=8, length_penalty=0.0)
+    wide = [t.token for t in beam_search(model, Request(prompt, max_new_tokens=8), width=4, length_penalty=0.0)]
     assert len(wide) == 8 and score(wide) >= score(greedy) - 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_search_equals_transformers(tmp_path, family, length_penalty):
+    """transformers' beam search with early_stopping=True, with and without a stop token."""
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m")
+    for prompt in ([5, 17, 33, 2], [60, 41, 9]):
+        free = [t.token for t in beam_search(model, Request(prompt, max_new_tokens=10), width=3, length_penalty=length_penalty)]
+        for stop in (None, free[3]):  # a token the search meets, so that beams finish early
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=3, do_sample=False, early_stopping=True,
+                              length_penalty=length_penalty, eos_token_id=stop, pad_token_id=0)
+            want = out[0, len(prompt):].tolist()
+            request = Request(prompt, max_new_tokens=10, stop_ids=frozenset() if stop is None else frozenset({stop}))
+            got = beam_search(model, request, width=3, length_penalty=length_penalty)
+            assert [t.token for t in got] == want
+            assert got[-1].finish_reason == ("stop" if want[-1] == stop else "length")
+
+
+def test_beam_search_stops_at_the_end_of_the_context():
+    model = tiny(max_seq_len=16)
+    got = beam_search(model, Request(list(range(10)), max_new_tokens=100), width=3)
+    assert len(got) == 7 and got[-1].finish_reason == "length"  # like the engine: 10 + 7 positions, the last never fed back
+
+
+@pytest.mark.parametrize(("width", "sampling", "words"), [
+    (0, SamplingParams(temperature=0.0), "num_beams must be >= 1"),
+    (4, SamplingParams(temperature=0.8, top_p=0.9), "temperature=0.8, top_p=0.9"),
+])
+def test_beam_search_refuses_bad_settings(width, sampling, words):
+    with pytest.raises(LmforgeError, match=words):
+        beam_search(tiny(), Request([1, 2, 3], sampling=sampling), width=width)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +31,10 @@ from lmforge.generate.sampling import (
     logprobs,
     make_generator,
     next_tokens,
+    sampling_logits,
     update_counts,
 )
-from lmforge.models.kv_cache import KVCache
+from lmforge.models.kv_cache import CacheView, KVCache
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -85,6 +86,12 @@ class Result:
     tokens: list[int]
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
+
+
+def last_logits(model: nn.Module, ids: Tensor, positions: Tensor, cache: CacheView) -> Tensor:
+    """Logits (B, V) of the last position only: the output projection is skipped for the rest of a prompt."""
+    hidden = model.hidden_states(ids, positions=positions, cache=cache)[-1][:, -1]  # (B, dim)
+    return model.lm_head(hidden)  # (B, V)
 
 
 def fit_prompt(prompt: list[int], max_len: int, truncate_left: bool, max_new_tokens: int = 1) -> list[int]:
@@ -166,7 +173,7 @@ class Engine:
         self.cache.reset(first, stop)
         ids = torch.tensor([request.prompt for _, request in group], device=self.device)  # (n, T)
         positions = torch.arange(length, device=self.device)[None].expand(len(group), -1)  # (n, T)
-        logits = self._last_logits(ids, positions, self.cache.view(first, stop))  # (n, V)
+        logits = last_logits(self.model, ids, positions, self.cache.view(first, stop))  # (n, V)
         runs = []
         for slot, (seq_id, request) in enumerate(group, start=first):
             run = _Running(seq_id, request, slot, length=length, generator=make_generator(request.sampling.seed, self.device))
@@ -183,13 +190,8 @@ class Engine:
         slots = [r.slot for r in runs]
         tokens[slots, 0] = torch.tensor([r.last_token for r in runs], device=self.device)
         positions[slots, 0] = torch.tensor([r.length - 1 for r in runs], device=self.device)
-        logits = self._last_logits(tokens, positions, self.cache.view(0, hi))  # (slots, V)
+        logits = last_logits(self.model, tokens, positions, self.cache.view(0, hi))  # (slots, V)
         return self._emit(runs, logits if slots == list(range(hi)) else logits[slots])
-
-    def _last_logits(self, ids: Tensor, positions: Tensor, cache) -> Tensor:
-        """Logits of the last position only: the output projection is skipped for the rest of a prompt."""
-        hidden = self.model.hidden_states(ids, positions=positions, cache=cache)[-1][:, -1]  # (B, dim)
-        return self.model.lm_head(hidden)  # (B, V)
 
     def _emit(self, runs: list[_Running], logits: Tensor) -> list[Token]:
         """Choose each run's next token from its logits (runs, V) and report it."""
@@ -277,150 +279,205 @@ def _record(result: Result, t: Token) -> None:
 # ------------------------------------------------------------------ beam search
 
 
+def _changed(sampling: SamplingParams, reference: SamplingParams, names: Iterable[str]) -> str:
+    """The settings among `names` where `sampling` differs from `reference`, as "name=value, ..." ("" if none)."""
+    return ", ".join(f"{n}={getattr(sampling, n)!r}" for n in names if getattr(sampling, n) != getattr(reference, n))
+
+
 @torch.inference_mode()
-def beam_search(
-    model: nn.Module,
-    prompt: list[int],
-    *,
-    width: int = 4,
-    max_new_tokens: int = 32,
-    length_penalty: float = 1.0,
-    stop_ids: frozenset[int] = frozenset(),
-) -> list[int]:
-    """The most likely continuation under beam search; finished beams are ranked by
-    sum(log p) / length ** length_penalty (the usual normalisation)."""
+def beam_search(model: nn.Module, request: Request, *, width: int = 4, length_penalty: float = 1.0) -> list[Token]:
+    """The most likely continuation under beam search, as the tokens `Engine.stream` would report.
+
+    It follows transformers' `generate(num_beams=width, early_stopping=True)`, so results can be
+    checked against it: each step keeps the best `width` candidates that do not stop; a candidate
+    ending in a stop token is set aside as finished when it ranks among the best `width`; the
+    search ends once `width` have finished, or at `max_new_tokens` or the end of the context,
+    where the best `width` candidates finish. Finished beams are ranked by
+    sum(log p) / length ** length_penalty (length counts the stop token), so a penalty above 0
+    favours longer ones. The search is deterministic: sampling settings it would silently ignore
+    are refused.
+    """
+    if width < 1:
+        raise LmforgeError(f"num_beams must be >= 1 (1 = no beam search); got {width}")
+    ignored = _changed(request.sampling, GREEDY, [f.name for f in fields(SamplingParams) if f.name != "seed"])
+    if ignored:
+        raise LmforgeError(f"beam search picks the most likely tokens and cannot honour {ignored}; "
+                           "drop those settings, or use num_beams=1 to sample")
+    if request.logprobs is not None:
+        raise LmforgeError("beam search does not report log-probs; ask for them without num_beams")
     param = next(model.parameters())
-    cache = KVCache(model.config, width, dtype=param.dtype, device=param.device)
-    prompt = fit_prompt(prompt, cache.max_positions, False)
+    device = param.device
+    cache = KVCache(model.config, width, dtype=param.dtype, device=device)
+    prompt = fit_prompt(request.prompt, cache.max_positions, request.truncate_left, request.max_new_tokens)
     T = len(prompt)
-    ids = torch.tensor([prompt] * width, device=param.device)  # (width, T)
-    logits = model(ids, positions=torch.arange(T, device=param.device).expand(width, T), cache=cache.view())[:, -1]
-    scores = torch.full((width,), float("-inf"), device=param.device)
+    logits = last_logits(model, torch.tensor([prompt], device=device), torch.arange(T, device=device)[None],
+                         cache.view(0, 1))  # (1, V): the prompt once, then copied into every beam's slot
+    cache.reorder(torch.zeros(width, dtype=torch.long, device=device))
+    scores = torch.full((width, 1), float("-inf"), device=device)  # (width, 1)
     scores[0] = 0.0  # all beams start identical: expand only the first
+    vocab = logits.shape[-1]
+    n_candidates = min((len(request.stop_ids) + 1) * width, width * vocab)  # enough that `width` do not stop
     beams: list[list[int]] = [[] for _ in range(width)]
     finished: list[tuple[float, list[int]]] = []
-    for step in range(max_new_tokens):
-        total = scores[:, None] + logprobs(logits)  # (width, V)
-        top, flat = total.view(-1).topk(2 * width)  # extra candidates replace beams that finish
-        vocab = logits.shape[-1]
-        keep_src, keep_tok, keep_score = [], [], []
-        for s, f in zip(top.tolist(), flat.tolist()):
-            src, tok = divmod(f, vocab)
-            seq = [*beams[src], tok]
-            if tok in stop_ids:
-                finished.append((s / len(seq) ** length_penalty, seq[:-1]))
-            elif len(keep_src) < width:
-                keep_src.append(src), keep_tok.append(tok), keep_score.append(s)
-        if len(finished) >= width or len(keep_src) < width or T + step + 1 >= cache.max_positions:
+    for step in range(request.max_new_tokens):
+        top, flat = (scores + logprobs(logits)).view(-1).topk(n_candidates)  # (n_candidates,) over (width, V)
+        last = step + 1 == request.max_new_tokens or T + step >= cache.max_positions  # no candidate is fed back
+        keep: list[tuple[int, int, float]] = []  # (source beam, token, score)
+        for rank, (score, index) in enumerate(zip(top.tolist(), flat.tolist())):
+            src, token = divmod(index, vocab)
+            stops = token in request.stop_ids
+            if rank < width and (stops or last):
+                seq = [*beams[src], token]
+                finished.append((score / len(seq) ** length_penalty, seq))
+            elif not stops and len(keep) < width:
+                keep.append((src, token, score))
+        if last or len(finished) >= width:
             break
-        order = torch.tensor(keep_src, device=param.device)
-        cache.reorder(order)
-        beams = [[*beams[s], t] for s, t in zip(keep_src, keep_tok)]
-        scores = torch.tensor(keep_score, device=param.device)
-        pos = torch.full((width, 1), T + step, device=param.device)
-        logits = model(torch.tensor(keep_tok, device=param.device)[:, None], positions=pos, cache=cache.view())[:, -1]
-    finished += [(float(s) / max(len(b), 1) ** length_penalty, b) for s, b in zip(scores.tolist(), beams)]
-    return max(finished, key=lambda x: x[0])[1]
+        cache.reorder(torch.tensor([src for src, _, _ in keep], device=device))
+        beams = [[*beams[src], token] for src, token, _ in keep]
+        scores = torch.tensor([[score] for _, _, score in keep], device=device)  # (width, 1)
+        tokens = torch.tensor([[token] for _, token, _ in keep], device=device)  # (width, 1)
+        logits = last_logits(model, tokens, torch.full((width, 1), T + step, device=device), cache.view())  # (width, V)
+    if not finished:
+        return []
+    best = max(finished, key=lambda f: f[0])[1]
+    events = [Token(0, t) for t in best]
+    events[-1].finish_reason = "stop" if best[-1] in request.stop_ids else "length"
+    return events
 
 
 # ------------------------------------------------------------------ speculative decoding
 
 
+PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 @dataclass
-class SpeculativeResult:
-    tokens: list[int]
-    acceptance_rate: float  # accepted draft tokens / proposed draft tokens
+class SpeculationStats:
+    """What `speculative_stream` counted; pass one in to read it afterwards."""
+
+    proposed: int = 0  # draft tokens the target checked
+    accepted: int = 0  # of those, the ones it kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.proposed, 1)
 
 
 def _probs(logits: Tensor, sampling: SamplingParams) -> Tensor:
-    """The distribution a token is drawn from under `sampling` (one-hot argmax when greedy)."""
+    """The distribution (n, V) each row's token is drawn from under `sampling` (one-hot on the argmax when greedy)."""
+    processed = sampling_logits(logits, [sampling] * logits.shape[0])  # (n, V)
     if sampling.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    from lmforge.generate.sampling import sampling_logits
+        return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
+    return processed.softmax(-1)
 
-    return sampling_logits(logits, [sampling] * logits.shape[0]).softmax(-1)
+
+def _logits(model: nn.Module, cache: KVCache, ids: list[int], start: int) -> Tensor:
+    """Logits (n, V) of `ids` at positions start, start + 1, ... of the cache's one slot."""
+    device = cache.key_pos.device
+    positions = torch.arange(start, start + len(ids), device=device)[None]  # (1, n)
+    return model(torch.tensor([ids], device=device), positions=positions, cache=cache.view())[0]  # (n, V)
+
+
+def _check_draft(target: nn.Module, draft: nn.Module, request: Request, k: int) -> None:
+    """Refuse what speculative decoding cannot do exactly, before any work."""
+    if k < 1:
+        raise LmforgeError(f"the draft must propose at least 1 token per step; got k={k}")
+    if target.config.kind != "decoder" or draft.config.kind != "decoder":
+        raise LmforgeError("speculative decoding needs two decoder models; one of them is an encoder (BERT-style)")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise LmforgeError(
+            f"the draft model has a vocabulary of {draft.config.vocab_size} tokens but the target has "
+            f"{target.config.vocab_size}; use a draft that shares the target's tokenizer (a smaller model of its family)"
+        )
+    devices = {next(target.parameters()).device, next(draft.parameters()).device}
+    if len(devices) > 1:
+        raise LmforgeError(f"the draft and target models are on different devices ({sorted(map(str, devices))}); "
+                           "load them onto the same one")
+    penalties = _changed(request.sampling, SamplingParams(), PENALTIES)
+    if penalties:
+        raise LmforgeError(f"speculative decoding cannot apply {penalties} (a penalty depends on every accepted "
+                           "token in turn); drop it, or generate without a draft")
+    if request.logprobs is not None:
+        raise LmforgeError("speculative decoding does not report log-probs; ask for them without a draft")
 
 
 @torch.inference_mode()
-def speculative_generate(
-    target: nn.Module,
-    draft: nn.Module,
-    prompt: list[int],
-    *,
-    max_new_tokens: int = 64,
-    k: int = 4,
-    sampling: SamplingParams = GREEDY,
-    stop_ids: frozenset[int] = frozenset(),
-) -> SpeculativeResult:
-    """Speculative decoding (Leviathan et al., 2023; Chen et al., 2023).
+def speculative_stream(
+    target: nn.Module, draft: nn.Module, request: Request, *, k: int = 4, stats: SpeculationStats | None = None
+) -> Iterator[Token]:
+    """Yield the tokens of `request` as `Engine.stream` would, by speculative decoding
+    (Leviathan et al., 2023; Chen et al., 2023).
 
-    The draft proposes k tokens; the target scores them in one forward pass. Each draft token
-    x is kept with probability min(1, p(x) / q(x)); at the first rejection a token is drawn
-    from normalise(max(0, p - q)); if all are kept, one more comes from p. The output has the
-    target's distribution exactly, and under greedy settings equals the target's greedy output.
-    Penalties are not supported here (they depend on the accepted history token by token).
+    Why: a decode step reads every weight of the target to make one token. Here the small draft
+    proposes k tokens and the target checks them all in one pass, so each target pass yields
+    between 1 and k + 1 tokens. Each draft token x is kept with probability min(1, p(x) / q(x));
+    at the first rejection a token is drawn from normalise(max(0, p - q)); if all are kept, one
+    more comes from p. The output has the target's distribution under `request.sampling` exactly
+    (though not the same draws as plain sampling with the same seed), and greedy output is the
+    target's greedy output token for token. Penalties are refused: they depend on the accepted
+    history token by token. `benchmarks/decode.py` measures the speed-up and acceptance rate.
     """
+    _check_draft(target, draft, request, k)
+    sampling, stats = request.sampling, stats if stats is not None else SpeculationStats()
     device = next(target.parameters()).device
     gen = make_generator(sampling.seed, device)
     caches = [KVCache(m.config, 1, spare=k + 1, dtype=next(m.parameters()).dtype, device=device) for m in (target, draft)]
-    max_len = min(c.max_positions for c in caches)
-    prompt = fit_prompt(prompt, max_len, False)
-
-    def run(model: nn.Module, cache: KVCache, ids: list[int], start: int) -> Tensor:
-        pos = torch.arange(start, start + len(ids), device=device)[None]  # (1, n)
-        return model(torch.tensor([ids], device=device), positions=pos, cache=cache.view())[0]  # (n, V)
+    max_len = caches[0].max_positions  # the target's context ends the output, as in plain decoding
+    both = min(c.max_positions for c in caches)  # the draft proposes while both contexts have room
+    prompt = fit_prompt(request.prompt, max_len, request.truncate_left, request.max_new_tokens)
 
     def draw(p: Tensor) -> int:
         return int(p.argmax()) if sampling.greedy else int(torch.multinomial(p, 1, generator=gen))
 
-    out: list[int] = []
-    if len(prompt) > 1:  # both caches hold the prompt but its last token
-        run(target, caches[0], prompt[:-1], 0)
-        run(draft, caches[1], prompt[:-1], 0)
-    pending = prompt[-1]  # last known token, not yet in either cache
-    n = len(prompt) - 1  # tokens in both caches
-    proposed = accepted = 0
-    while len(out) < max_new_tokens and n + k + 2 <= max_len:
-        # draft k tokens
-        q_list, drafted, tok = [], [], pending
+    emitted = 0
+
+    def event(token: int, position: int) -> Token:
+        nonlocal emitted
+        emitted += 1
+        finish = "stop" if token in request.stop_ids else None
+        if finish is None and (emitted >= request.max_new_tokens or position >= max_len):
+            finish = "length"  # like the engine: a token at the last position is reported, never fed back
+        return Token(0, token, finish_reason=finish)
+
+    pending, n = prompt[-1], len(prompt) - 1  # the last known token, in neither cache; the tokens both caches hold
+    if n:
+        _logits(target, caches[0], prompt[:-1], 0)
+        if n + k < both:
+            _logits(draft, caches[1], prompt[:-1], 0)
+    while n + k < both:  # room for the target to check pending + k drafts at positions n .. n + k
+        q_rows, drafted, token = [], [], pending
         for i in range(k):
-            q = _probs(run(draft, caches[1], [tok], n + i)[-1:], sampling)[0]  # (V,)
-            tok = draw(q)
-            q_list.append(q), drafted.append(tok)
-        # target scores pending + drafted in one pass
-        p_all = _probs(run(target, caches[0], [pending, *drafted], n), sampling)  # (k + 1, V)
+            q_rows.append(_probs(_logits(draft, caches[1], [token], n + i), sampling)[0])  # (V,)
+            token = draw(q_rows[-1])
+            drafted.append(token)
+        p_rows = _probs(_logits(target, caches[0], [pending, *drafted], n), sampling)  # (k + 1, V)
         kept = 0
-        new_tokens: list[int] = []
-        for i, x in enumerate(drafted):
-            p, q = p_all[i], q_list[i]
-            u = torch.rand((), generator=gen, device=device) if not sampling.greedy else torch.tensor(0.0)
-            if (sampling.greedy and int(p.argmax()) == x) or (not sampling.greedy and u < torch.clamp(p[x] / q[x], max=1.0)):
-                kept += 1
-                new_tokens.append(x)
-                continue
-            residual = torch.clamp(p - q, min=0)
-            new_tokens.append(draw(residual / residual.sum()) if not sampling.greedy else int(p.argmax()))
-            break
+        for p, q, x in zip(p_rows, q_rows, drafted):
+            keep = int(p.argmax()) == x if sampling.greedy else bool(torch.rand((), generator=gen, device=device) < p[x] / q[x])
+            if not keep:
+                break
+            kept += 1
+        if kept < k:
+            residual = (p_rows[kept] - q_rows[kept]).clamp(min=0)  # (V,); greedy: p's one-hot
+            last = draw(residual / residual.sum() if residual.sum() > 0 else p_rows[kept])
         else:
-            new_tokens.append(draw(p_all[k]))
-            run(draft, caches[1], drafted[-1:], n + k)  # the draft has not yet seen its own last token
-        proposed += k
-        accepted += kept
-        # keep in cache: pending + accepted drafts; the last new token becomes pending
-        n += 1 + kept
+            last = draw(p_rows[k])
+            _logits(draft, caches[1], drafted[-1:], n + k)  # the draft has not yet seen its own last token
+        stats.proposed, stats.accepted = stats.proposed + k, stats.accepted + kept
+        for offset, token in enumerate([*drafted[:kept], last]):
+            t = event(token, n + 1 + offset)
+            yield t
+            if t.finish_reason is not None:
+                return
+        n += 1 + kept  # pending and the kept drafts stay in both caches
         for cache in caches:
             cache.rollback(0, n)
-        for t in new_tokens:
-            out.append(t)
-            if t in stop_ids or len(out) >= max_new_tokens:
-                return SpeculativeResult(out[:max_new_tokens], accepted / max(proposed, 1))
-        pending = new_tokens[-1]
-    # near the end of the context: finish one token at a time with the target alone
-    while len(out) < max_new_tokens and n + 1 < max_len:
-        p = _probs(run(target, caches[0], [pending], n)[-1:], sampling)[0]
+        pending = last
+    while True:  # near the end of the context: one token at a time with the target alone
+        pending = draw(_probs(_logits(target, caches[0], [pending], n), sampling)[0])
         n += 1
-        pending = draw(p)
-        out.append(pending)
-        if pending in stop_ids:
-            break
-    return SpeculativeResult(out, accepted / max(proposed, 1))
+        t = event(pending, n)
+        yield t
+        if t.finish_reason is not None:
+            return
