@@ -20,7 +20,7 @@ from lmforge.checkpoint import load_model, save_hf, save_native
 from lmforge.checkpoint.heads import HEAD_CONFIG, load_head_model
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.generate.engine import Engine, Request, Token
+from lmforge.generate.engine import Engine, Request, Token, beam_search, speculative_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models.heads import sentence_embeddings
 from lmforge.tokenizer import GenerationDefaults, IncrementalDetokenizer, Tokenizer
@@ -93,23 +93,43 @@ class LM:
                               seed=seed)
 
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
-               truncate_left: bool = False, **sampling: Any) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text pieces while it is generated."""
-        ids = self._tok().encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
-        yield from self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling))
+               truncate_left: bool = False, draft: LM | None = None, num_beams: int = 1,
+               **sampling: Any) -> Iterator[str]:
+        """Yield the continuation of `prompt` as text pieces while it is generated.
 
-    def generate(self, prompt: str | list[int], **kwargs: Any) -> str:
-        """The continuation of `prompt` (see `stream` for the arguments)."""
-        return "".join(self.stream(prompt, **kwargs))
+        `draft`: a smaller model sharing this one's vocabulary, for speculative decoding: the
+        same output distribution (greedy: the same text) from fewer passes of this model.
+        `num_beams` is refused: beam search knows its best beam only at the end (see `generate`).
+        """
+        if num_beams > 1:
+            raise LmforgeError(f"lm.stream cannot stream beam search (num_beams={num_beams}): the best beam is "
+                               f"known only at the end; call lm.generate(..., num_beams={num_beams}) instead")
+        return self._stream_ids(self._ids(prompt), max_new_tokens, stop, truncate_left, self.sampling(**sampling),
+                                draft=draft, num_beams=num_beams)
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
+                 truncate_left: bool = False, draft: LM | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0, **sampling: Any) -> str:
+        """The continuation of `prompt` (see `stream` for the arguments).
+
+        `num_beams` > 1 searches for the most likely continuation instead of sampling one (beam
+        search, deterministic; finished beams are ranked by sum(log p) / length ** length_penalty).
+        It decodes greedily unless told otherwise, and refuses sampling settings it cannot honour.
+        """
+        if num_beams != 1:
+            sampling = {"temperature": 0.0, **sampling}  # the search ignores temperature: 0 says so
+        return "".join(self._stream_ids(self._ids(prompt), max_new_tokens, stop, truncate_left,
+                                        self.sampling(**sampling), draft=draft, num_beams=num_beams,
+                                        length_penalty=length_penalty))
 
     def chat(self, messages: list[Message], **kwargs: Any) -> str:
         """The assistant's reply to a conversation, rendered through the tokenizer's chat template."""
         return "".join(self.stream_chat(messages, **kwargs))
 
     def stream_chat(self, messages: list[Message], *, max_new_tokens: int = 256, stop: Sequence[str] = (),
-                    truncate_left: bool = False, **sampling: Any) -> Iterator[str]:
+                    truncate_left: bool = False, draft: LM | None = None, **sampling: Any) -> Iterator[str]:
         ids = self._tok().apply_chat_template(messages, add_generation_prompt=True)
-        yield from self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling))
+        return self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling), draft=draft)
 
     def request(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams, *,
                 truncate_left: bool = False, logprobs: int | None = None) -> Request:
@@ -121,14 +141,42 @@ class LM:
             stop_ids.add(self.config.eos_id)
         return Request(ids, max_new_tokens, sampling, frozenset(stop_ids), logprobs, truncate_left)
 
-    def tokens(self, request: Request, engine: Engine | None = None) -> Iterator[Token]:
-        """Run one request on `engine` (or a fresh one) and yield its tokens."""
-        yield from (engine or Engine(self.model, n_slots=1)).stream(request)
+    def tokens(self, request: Request, engine: Engine | None = None, *, draft: LM | None = None,
+               num_beams: int = 1, length_penalty: float = 1.0) -> Iterator[Token]:
+        """Run one request and yield its tokens: on `engine` (or a fresh one); with `draft`, by
+        speculative decoding; with `num_beams` other than 1, by beam search (all at the end)."""
+        if num_beams != 1:
+            if draft is not None:
+                raise LmforgeError("num_beams and draft cannot be combined (a draft speeds up sampling or greedy "
+                                   "decoding, not beam search); pass one of them")
+            return iter(beam_search(self.model, request, width=num_beams, length_penalty=length_penalty))
+        if draft is not None:
+            self._check_same_vocabulary(draft)
+            return speculative_stream(self.model, draft.model, request)
+        return (engine or Engine(self.model, n_slots=1)).stream(request)
+
+    def _check_same_vocabulary(self, draft: LM) -> None:
+        """Token ids mean the same text in both models, or the draft's proposals are noise
+        (the engine checks the vocabulary sizes; only here are the tokenizers known)."""
+        mine, theirs = self.tokenizer, draft.tokenizer
+        if mine is not None and theirs is not None and mine.backend.get_vocab() != theirs.backend.get_vocab():
+            where = draft.path or "the draft model"
+            raise LmforgeError(f"{where} has a different tokenizer from {self.path or 'the target model'}; "
+                               "speculative decoding needs a draft that shares the target's tokenizer")
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return self._tok().encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
 
     def _stream_ids(self, ids: list[int], max_new_tokens: int, stop: Sequence[str], truncate_left: bool,
-                    sampling: SamplingParams) -> Iterator[str]:
+                    sampling: SamplingParams, *, draft: LM | None = None, num_beams: int = 1,
+                    length_penalty: float = 1.0) -> Iterator[str]:
+        """Text pieces of one request; the decoder is chosen and checked now, not at the first piece."""
+        request = self.request(ids, max_new_tokens, sampling, truncate_left=truncate_left)
+        return self._text(self.tokens(request, draft=draft, num_beams=num_beams, length_penalty=length_penalty), stop)
+
+    def _text(self, tokens: Iterator[Token], stop: Sequence[str]) -> Iterator[str]:
         text = TextStream(self._tok(), stop)
-        for t in self.tokens(self.request(ids, max_new_tokens, sampling, truncate_left=truncate_left)):
+        for t in tokens:
             piece = text.push(t.token)
             if piece:
                 yield piece
