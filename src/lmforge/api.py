@@ -84,11 +84,19 @@ class LM:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         seed: int | None = None,
+        *,
+        num_beams: int = 1,
     ) -> SamplingParams:
-        """A setting left None takes the folder's generation_config.json default, else SamplingParams'."""
+        """A setting left None takes the folder's generation_config.json default, else SamplingParams'.
+
+        For beam search (`num_beams` other than 1) the folder's defaults, which are for sampling,
+        do not apply and temperature defaults to 0; a setting given that the search cannot honour
+        is then refused by it, not silently dropped.
+        """
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty)
-        chosen = {**self.generation.sampling, **{name: v for name, v in given.items() if v is not None}}
+        defaults = self.generation.sampling if num_beams == 1 else {"temperature": 0.0}
+        chosen = {**defaults, **{name: v for name, v in given.items() if v is not None}}
         return SamplingParams(**chosen, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               seed=seed)
 
@@ -102,10 +110,10 @@ class LM:
         `num_beams` is refused: beam search knows its best beam only at the end (see `generate`).
         """
         if num_beams > 1:
-            raise LmforgeError(f"lm.stream cannot stream beam search (num_beams={num_beams}): the best beam is "
-                               f"known only at the end; call lm.generate(..., num_beams={num_beams}) instead")
-        return self._stream_ids(self._ids(prompt), max_new_tokens, stop, truncate_left, self.sampling(**sampling),
-                                draft=draft, num_beams=num_beams)
+            raise LmforgeError(f"lm.stream cannot stream beam search (num_beams={num_beams}): the best "
+                               f"beam is known only at the end; call lm.generate(..., num_beams={num_beams})")
+        return self._stream_ids(self._ids(prompt), max_new_tokens, stop, truncate_left,
+                                self.sampling(**sampling), draft=draft, num_beams=num_beams)
 
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
                  truncate_left: bool = False, draft: LM | None = None, num_beams: int = 1,
@@ -114,13 +122,11 @@ class LM:
 
         `num_beams` > 1 searches for the most likely continuation instead of sampling one (beam
         search, deterministic; finished beams are ranked by sum(log p) / length ** length_penalty).
-        It decodes greedily unless told otherwise, and refuses sampling settings it cannot honour.
+        It refuses sampling settings it cannot honour (see `sampling`).
         """
-        if num_beams != 1:
-            sampling = {"temperature": 0.0, **sampling}  # the search ignores temperature: 0 says so
         return "".join(self._stream_ids(self._ids(prompt), max_new_tokens, stop, truncate_left,
-                                        self.sampling(**sampling), draft=draft, num_beams=num_beams,
-                                        length_penalty=length_penalty))
+                                        self.sampling(**sampling, num_beams=num_beams), draft=draft,
+                                        num_beams=num_beams, length_penalty=length_penalty))
 
     def chat(self, messages: list[Message], **kwargs: Any) -> str:
         """The assistant's reply to a conversation, rendered through the tokenizer's chat template."""
@@ -129,7 +135,8 @@ class LM:
     def stream_chat(self, messages: list[Message], *, max_new_tokens: int = 256, stop: Sequence[str] = (),
                     truncate_left: bool = False, draft: LM | None = None, **sampling: Any) -> Iterator[str]:
         ids = self._tok().apply_chat_template(messages, add_generation_prompt=True)
-        return self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling), draft=draft)
+        return self._stream_ids(ids, max_new_tokens, stop, truncate_left, self.sampling(**sampling),
+                                draft=draft)
 
     def request(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams, *,
                 truncate_left: bool = False, logprobs: int | None = None) -> Request:
@@ -147,8 +154,8 @@ class LM:
         speculative decoding; with `num_beams` other than 1, by beam search (all at the end)."""
         if num_beams != 1:
             if draft is not None:
-                raise LmforgeError("num_beams and draft cannot be combined (a draft speeds up sampling or greedy "
-                                   "decoding, not beam search); pass one of them")
+                raise LmforgeError("num_beams and draft cannot be combined (a draft speeds up sampling or "
+                                   "greedy decoding, not beam search); pass one of them")
             return iter(beam_search(self.model, request, width=num_beams, length_penalty=length_penalty))
         if draft is not None:
             self._check_same_vocabulary(draft)
@@ -165,14 +172,17 @@ class LM:
                                "speculative decoding needs a draft that shares the target's tokenizer")
 
     def _ids(self, prompt: str | list[int]) -> list[int]:
-        return self._tok().encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self._tok().encode(prompt, add_special_tokens=True)
+        return list(prompt)
 
     def _stream_ids(self, ids: list[int], max_new_tokens: int, stop: Sequence[str], truncate_left: bool,
                     sampling: SamplingParams, *, draft: LM | None = None, num_beams: int = 1,
                     length_penalty: float = 1.0) -> Iterator[str]:
         """Text pieces of one request; the decoder is chosen and checked now, not at the first piece."""
         request = self.request(ids, max_new_tokens, sampling, truncate_left=truncate_left)
-        return self._text(self.tokens(request, draft=draft, num_beams=num_beams, length_penalty=length_penalty), stop)
+        tokens = self.tokens(request, draft=draft, num_beams=num_beams, length_penalty=length_penalty)
+        return self._text(tokens, stop)
 
     def _text(self, tokens: Iterator[Token], stop: Sequence[str]) -> Iterator[str]:
         text = TextStream(self._tok(), stop)

@@ -15,7 +15,7 @@ from lmforge.models import build_model
 transformers = pytest.importorskip("transformers")
 from hf_tiny import hf_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is fastest, above all on a shared host
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread on a shared host
 
 
 def hf_greedy(model, prompt, n):
@@ -146,7 +146,7 @@ def test_speculative_greedy_equals_plain_greedy(name):
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_speculative_stops_where_plain_decoding_stops(k):
-    """At a stop token, at max_new_tokens, and at the end of the context (the last few tokens come from the target alone)."""
+    """At a stop token, at max_new_tokens, and at the end of the context (where the target goes on alone)."""
     target = tiny(max_seq_len=24)
     torch.manual_seed(1)
     draft = build_model(preset("tiny-llama", n_layers=1, max_seq_len=24)).eval()
@@ -155,7 +155,8 @@ def test_speculative_stops_where_plain_decoding_stops(k):
     for request in (lambda: Request([1, 2, 3], max_new_tokens=12, stop_ids=stop_at),
                     lambda: Request([1, 2, 3], max_new_tokens=7),
                     lambda: Request(list(range(10)), max_new_tokens=100)):
-        assert tokens_and_finish(speculative_stream(target, draft, request(), k=k)) == plain(target, request())
+        want = plain(target, request())
+        assert tokens_and_finish(speculative_stream(target, draft, request(), k=k)) == want
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
@@ -196,7 +197,8 @@ def test_beam_search_width_one_is_greedy_and_wider_scores_no_worse():
             lp = model(ids).log_softmax(-1)[0, len(prompt) - 1 : -1]
         return lp.gather(-1, torch.tensor(seq)[:, None]).sum().item()
 
-    wide = [t.token for t in beam_search(model, Request(prompt, max_new_tokens=8), width=4, length_penalty=0.0)]
+    wide = beam_search(model, Request(prompt, max_new_tokens=8), width=4, length_penalty=0.0)
+    wide = [t.token for t in wide]
     assert len(wide) == 8 and score(wide) >= score(greedy) - 1e-5
 
 
@@ -208,12 +210,14 @@ def test_beam_search_equals_transformers(tmp_path, family, length_penalty):
     hf.save_pretrained(tmp_path / "m")
     model, _ = load_model(tmp_path / "m")
     for prompt in ([5, 17, 33, 2], [60, 41, 9]):
-        free = [t.token for t in beam_search(model, Request(prompt, max_new_tokens=10), width=3, length_penalty=length_penalty)]
-        for stop in (None, free[3]):  # a token the search meets, so that beams finish early
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=3, do_sample=False, early_stopping=True,
-                              length_penalty=length_penalty, eos_token_id=stop, pad_token_id=0)
+        free = beam_search(model, Request(prompt, max_new_tokens=10), width=3, length_penalty=length_penalty)
+        for stop in (None, free[3].token):  # a token the search meets, so that beams finish early
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=3, do_sample=False,
+                              early_stopping=True, length_penalty=length_penalty, eos_token_id=stop,
+                              pad_token_id=0)
             want = out[0, len(prompt):].tolist()
-            request = Request(prompt, max_new_tokens=10, stop_ids=frozenset() if stop is None else frozenset({stop}))
+            stop_ids = frozenset() if stop is None else frozenset({stop})
+            request = Request(prompt, max_new_tokens=10, stop_ids=stop_ids)
             got = beam_search(model, request, width=3, length_penalty=length_penalty)
             assert [t.token for t in got] == want
             assert got[-1].finish_reason == ("stop" if want[-1] == stop else "length")
@@ -222,7 +226,8 @@ def test_beam_search_equals_transformers(tmp_path, family, length_penalty):
 def test_beam_search_stops_at_the_end_of_the_context():
     model = tiny(max_seq_len=16)
     got = beam_search(model, Request(list(range(10)), max_new_tokens=100), width=3)
-    assert len(got) == 7 and got[-1].finish_reason == "length"  # like the engine: 10 + 7 positions, the last never fed back
+    # like the engine: 10 + 7 positions, the last token never fed back
+    assert len(got) == 7 and got[-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize(("width", "sampling", "words"), [

@@ -13,8 +13,9 @@ from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import SpeculationStats, beam_search, speculative_stream
 from lmforge.models import build_model
+from lmforge.tokenizer import GenerationDefaults
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is fastest, above all on a shared host
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread on a shared host
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def small_draft(tokenizer, **overrides) -> LM:
 
 def test_greedy_with_a_draft_is_plain_greedy_token_for_token(lm):
     draft = first_layer_draft(lm)
-    request = lambda: lm.request(lm.tokenizer.encode("The quick"), 40, lm.sampling(temperature=0))  # noqa: E731
+    ids = lm.tokenizer.encode("The quick")
+    request = lambda: lm.request(ids, 40, lm.sampling(temperature=0))  # noqa: E731
     plain = [t.token for t in lm.tokens(request())]
     stats = SpeculationStats()
     assert [t.token for t in speculative_stream(lm.model, draft.model, request(), stats=stats)] == plain
@@ -55,7 +57,16 @@ def test_num_beams_runs_beam_search(lm):
     best = beam_search(lm.model, lm.request(ids, 12, lm.sampling(temperature=0)), width=3, length_penalty=0.5)
     want = lm.tokenizer.decode([t.token for t in best], skip_special_tokens=True)
     assert lm.generate("The quick", max_new_tokens=12, num_beams=3, length_penalty=0.5) == want
-    assert lm.generate("The quick", max_new_tokens=12, num_beams=3, length_penalty=0.5, temperature=0, seed=1) == want
+    given = dict(temperature=0, seed=1)  # settings beam search honours (trivially)
+    assert lm.generate("The quick", max_new_tokens=12, num_beams=3, length_penalty=0.5, **given) == want
+
+
+
+def test_beam_search_ignores_the_folders_sampling_defaults(lm):
+    """generation_config.json's temperature and top_p are for sampling; the user asked for neither."""
+    sampler = replace(lm, generation=GenerationDefaults(temperature=0.6, top_p=0.9, repetition_penalty=1.1))
+    want = lm.generate("The quick", max_new_tokens=12, num_beams=3)
+    assert sampler.generate("The quick", max_new_tokens=12, num_beams=3) == want
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
@@ -83,7 +94,7 @@ def test_a_draft_with_another_vocabulary_is_refused(lm, tmp_path):
 
     with pytest.raises(LmforgeError, match="vocabulary of 300 tokens but the target has"):
         lm.generate("The", max_new_tokens=4, draft=LM(small_draft(lm.tokenizer, vocab_size=300).model, None))
-    (tmp_path / "other.txt").write_text("Completely different words make a different vocabulary. " * 200, encoding="utf-8")
+    (tmp_path / "other.txt").write_text("Different words make another vocabulary. " * 200, encoding="utf-8")
     other = train_tokenizer([tmp_path / "other.txt"], vocab_size=lm.tokenizer.vocab_size)
     with pytest.raises(LmforgeError, match="different tokenizer"):
         lm.generate("The", max_new_tokens=4, draft=small_draft(other, vocab_size=lm.config.vocab_size))

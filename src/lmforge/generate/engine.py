@@ -280,12 +280,15 @@ def _record(result: Result, t: Token) -> None:
 
 
 def _changed(sampling: SamplingParams, reference: SamplingParams, names: Iterable[str]) -> str:
-    """The settings among `names` where `sampling` differs from `reference`, as "name=value, ..." ("" if none)."""
-    return ", ".join(f"{n}={getattr(sampling, n)!r}" for n in names if getattr(sampling, n) != getattr(reference, n))
+    """The settings among `names` where `sampling` differs from `reference`: "name=value, ..." or ""."""
+    changed = [n for n in names if getattr(sampling, n) != getattr(reference, n)]
+    return ", ".join(f"{n}={getattr(sampling, n)!r}" for n in changed)
 
 
 @torch.inference_mode()
-def beam_search(model: nn.Module, request: Request, *, width: int = 4, length_penalty: float = 1.0) -> list[Token]:
+def beam_search(
+    model: nn.Module, request: Request, *, width: int = 4, length_penalty: float = 1.0
+) -> list[Token]:
     """The most likely continuation under beam search, as the tokens `Engine.stream` would report.
 
     It follows transformers' `generate(num_beams=width, early_stopping=True)`, so results can be
@@ -321,7 +324,8 @@ def beam_search(model: nn.Module, request: Request, *, width: int = 4, length_pe
     finished: list[tuple[float, list[int]]] = []
     for step in range(request.max_new_tokens):
         top, flat = (scores + logprobs(logits)).view(-1).topk(n_candidates)  # (n_candidates,) over (width, V)
-        last = step + 1 == request.max_new_tokens or T + step >= cache.max_positions  # no candidate is fed back
+        # at the last step no candidate is fed back: the best `width` finish
+        last = step + 1 == request.max_new_tokens or T + step >= cache.max_positions
         keep: list[tuple[int, int, float]] = []  # (source beam, token, score)
         for rank, (score, index) in enumerate(zip(top.tolist(), flat.tolist())):
             src, token = divmod(index, vocab)
@@ -337,7 +341,8 @@ def beam_search(model: nn.Module, request: Request, *, width: int = 4, length_pe
         beams = [[*beams[src], token] for src, token, _ in keep]
         scores = torch.tensor([[score] for _, _, score in keep], device=device)  # (width, 1)
         tokens = torch.tensor([[token] for _, token, _ in keep], device=device)  # (width, 1)
-        logits = last_logits(model, tokens, torch.full((width, 1), T + step, device=device), cache.view())  # (width, V)
+        positions = torch.full((width, 1), T + step, device=device)  # (width, 1)
+        logits = last_logits(model, tokens, positions, cache.view())  # (width, V)
     if not finished:
         return []
     best = max(finished, key=lambda f: f[0])[1]
@@ -365,7 +370,7 @@ class SpeculationStats:
 
 
 def _probs(logits: Tensor, sampling: SamplingParams) -> Tensor:
-    """The distribution (n, V) each row's token is drawn from under `sampling` (one-hot on the argmax when greedy)."""
+    """The distribution (n, V) each row's token is drawn from under `sampling` (greedy: one-hot)."""
     processed = sampling_logits(logits, [sampling] * logits.shape[0])  # (n, V)
     if sampling.greedy:
         return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
@@ -384,27 +389,35 @@ def _check_draft(target: nn.Module, draft: nn.Module, request: Request, k: int) 
     if k < 1:
         raise LmforgeError(f"the draft must propose at least 1 token per step; got k={k}")
     if target.config.kind != "decoder" or draft.config.kind != "decoder":
-        raise LmforgeError("speculative decoding needs two decoder models; one of them is an encoder (BERT-style)")
+        raise LmforgeError("speculative decoding needs two decoder models; one of them is an encoder "
+                           "(BERT-style)")
     if draft.config.vocab_size != target.config.vocab_size:
         raise LmforgeError(
             f"the draft model has a vocabulary of {draft.config.vocab_size} tokens but the target has "
-            f"{target.config.vocab_size}; use a draft that shares the target's tokenizer (a smaller model of its family)"
+            f"{target.config.vocab_size}; use a draft that shares the target's tokenizer "
+            "(a smaller model of its family)"
         )
     devices = {next(target.parameters()).device, next(draft.parameters()).device}
     if len(devices) > 1:
-        raise LmforgeError(f"the draft and target models are on different devices ({sorted(map(str, devices))}); "
-                           "load them onto the same one")
+        raise LmforgeError(f"the draft and target models are on different devices "
+                           f"({sorted(map(str, devices))}); load them onto the same one")
     penalties = _changed(request.sampling, SamplingParams(), PENALTIES)
     if penalties:
-        raise LmforgeError(f"speculative decoding cannot apply {penalties} (a penalty depends on every accepted "
-                           "token in turn); drop it, or generate without a draft")
+        raise LmforgeError(f"speculative decoding cannot apply {penalties} (a penalty depends on every "
+                           "accepted token in turn; it may come from the model's generation_config.json); "
+                           "turn it off (repetition 1, presence and frequency 0) or generate without a draft")
     if request.logprobs is not None:
         raise LmforgeError("speculative decoding does not report log-probs; ask for them without a draft")
 
 
 @torch.inference_mode()
 def speculative_stream(
-    target: nn.Module, draft: nn.Module, request: Request, *, k: int = 4, stats: SpeculationStats | None = None
+    target: nn.Module,
+    draft: nn.Module,
+    request: Request,
+    *,
+    k: int = 4,
+    stats: SpeculationStats | None = None,
 ) -> Iterator[Token]:
     """Yield the tokens of `request` as `Engine.stream` would, by speculative decoding
     (Leviathan et al., 2023; Chen et al., 2023).
@@ -440,7 +453,8 @@ def speculative_stream(
             finish = "length"  # like the engine: a token at the last position is reported, never fed back
         return Token(0, token, finish_reason=finish)
 
-    pending, n = prompt[-1], len(prompt) - 1  # the last known token, in neither cache; the tokens both caches hold
+    pending = prompt[-1]  # the last known token, in neither cache
+    n = len(prompt) - 1  # the tokens both caches hold
     if n:
         _logits(target, caches[0], prompt[:-1], 0)
         if n + k < both:
@@ -454,7 +468,10 @@ def speculative_stream(
         p_rows = _probs(_logits(target, caches[0], [pending, *drafted], n), sampling)  # (k + 1, V)
         kept = 0
         for p, q, x in zip(p_rows, q_rows, drafted):
-            keep = int(p.argmax()) == x if sampling.greedy else bool(torch.rand((), generator=gen, device=device) < p[x] / q[x])
+            if sampling.greedy:
+                keep = int(p.argmax()) == x
+            else:
+                keep = bool(torch.rand((), generator=gen, device=device) < p[x] / q[x])
             if not keep:
                 break
             kept += 1
