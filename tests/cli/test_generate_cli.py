@@ -90,3 +90,35 @@ def test_quantize_then_generate(tiny_lm_dir, tmp_path, bits):
     assert (a - b).abs().max() < 0.25 * b.abs().max()  # close, not equal: weights are rounded
     gen = run("generate", str(tmp_path / "q"), "--prompt", "The", "--max-new-tokens", "4", "--temperature", "0", "--json")
     assert gen.returncode == 0, gen.stderr
+
+
+def test_generate_with_beams(tiny_lm_dir):
+    lm = lmforge.load(tiny_lm_dir)
+    want = lm.generate("The quick", max_new_tokens=8, num_beams=3)
+    args = ["generate", str(tiny_lm_dir), "--prompt", "The quick", "--max-new-tokens", "8", "--num-beams=3"]
+    out = run(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"] == want
+    out = run(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\n"
+    out = run(*args, "--temperature", "0.5")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "cannot honour temperature=0.5" in out.stderr
+
+
+def test_generate_with_a_draft_is_plain_greedy(tiny_lm_dir, tmp_path):
+    from dataclasses import replace
+
+    from lmforge.api import LM
+    from lmforge.models import build_model
+
+    lm = lmforge.load(tiny_lm_dir)
+    model = build_model(replace(lm.config, n_layers=1))  # the target's first layer: agrees some of the time
+    model.load_state_dict(lm.model.state_dict(), strict=False)
+    LM(model, lm.tokenizer).save(draft := tmp_path / "draft")
+    args = ["generate", str(tiny_lm_dir), "--prompt", "The quick", "--max-new-tokens", "12", "--temperature=0",
+            "--json"]
+    plain, speculative = run(*args), run(*args, "--draft", str(draft))
+    assert speculative.returncode == 0, speculative.stderr
+    assert json.loads(speculative.stdout) == json.loads(plain.stdout)

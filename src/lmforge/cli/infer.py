@@ -34,12 +34,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import TextStream
 
     lm = lmforge.load(args.model)
+    draft = lmforge.load(args.draft) if args.draft else None
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    if args.num_beams != 1:  # the defaults are for sampling; a flag the user changed goes on, to be refused
+        sampling = {name: v for name, v in sampling.items() if v != args.sampling_defaults[name]}
     if args.json:
         ids = lm.tokenizer.encode(args.prompt, add_special_tokens=True)
-        req = lm.request(ids, args.max_new_tokens, lm.sampling(**sampling))
+        req = lm.request(ids, args.max_new_tokens, lm.sampling(**sampling, num_beams=args.num_beams))
         stream, tokens, finish, text = TextStream(lm.tokenizer, args.stop), [], "length", []
-        for t in lm.tokens(req):
+        for t in lm.tokens(req, draft=draft, num_beams=args.num_beams):
             tokens.append(t.token)
             text.append(stream.push(t.token))
             finish = t.finish_reason or finish
@@ -49,7 +52,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         text.append(stream.flush())
         print(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": finish}, ensure_ascii=False))
         return
-    for piece in lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling):
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, draft=draft, **sampling)
+    if args.num_beams == 1:
+        pieces = lm.stream(args.prompt, **options)
+    else:  # beam search knows its text only at the end
+        pieces = [lm.generate(args.prompt, num_beams=args.num_beams, **options)]
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -61,7 +69,14 @@ def setup_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print text, tokens and finish reason as JSON")
     _add_sampling(p)
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+                   help="beam search over N beams: the most likely text instead of a sampled one "
+                        "(sampling flags are then refused)")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model folder with the same tokenizer, for speculative decoding: "
+                        "the same output distribution from fewer passes of the big model")
+    defaults = {name: p.get_default(name) for name in ("temperature", "top_k", "top_p", "min_p", "seed")}
+    p.set_defaults(func=cmd_generate, sampling_defaults=defaults)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
