@@ -117,8 +117,7 @@ def test_generate_with_a_draft_is_plain_greedy(tiny_lm_dir, tmp_path):
     model = build_model(replace(lm.config, n_layers=1))  # the target's first layer: agrees some of the time
     model.load_state_dict(lm.model.state_dict(), strict=False)
     LM(model, lm.tokenizer).save(draft := tmp_path / "draft")
-    args = ["generate", str(tiny_lm_dir), "--prompt", "The quick", "--max-new-tokens", "12", "--temperature=0",
-            "--json"]
-    plain, speculative = run(*args), run(*args, "--draft", str(draft))
+    args = ["generate", str(tiny_lm_dir), "--prompt=The quick", "--max-new-tokens=12", "--temperature=0"]
+    plain, speculative = run(*args, "--json"), run(*args, "--json", "--draft", str(draft))
     assert speculative.returncode == 0, speculative.stderr
     assert json.loads(speculative.stdout) == json.loads(plain.stdout)

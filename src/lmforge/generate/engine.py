@@ -435,7 +435,8 @@ def speculative_stream(
     sampling, stats = request.sampling, stats if stats is not None else SpeculationStats()
     device = next(target.parameters()).device
     gen = make_generator(sampling.seed, device)
-    caches = [KVCache(m.config, 1, spare=k + 1, dtype=next(m.parameters()).dtype, device=device) for m in (target, draft)]
+    caches = [KVCache(m.config, 1, spare=k + 1, dtype=next(m.parameters()).dtype, device=device)
+              for m in (target, draft)]
     max_len = caches[0].max_positions  # the target's context ends the output, as in plain decoding
     both = min(c.max_positions for c in caches)  # the draft proposes while both contexts have room
     prompt = fit_prompt(request.prompt, max_len, request.truncate_left, request.max_new_tokens)
@@ -455,10 +456,12 @@ def speculative_stream(
 
     pending = prompt[-1]  # the last known token, in neither cache
     n = len(prompt) - 1  # the tokens both caches hold
-    if n:
-        _logits(target, caches[0], prompt[:-1], 0)
+    if n:  # the prompt but its last token into the caches (the head runs on one position only)
+        ids = torch.tensor([prompt[:-1]], device=device)  # (1, n)
+        positions = torch.arange(n, device=device)[None]  # (1, n)
+        last_logits(target, ids, positions, caches[0].view())
         if n + k < both:
-            _logits(draft, caches[1], prompt[:-1], 0)
+            last_logits(draft, ids, positions, caches[1].view())
     while n + k < both:  # room for the target to check pending + k drafts at positions n .. n + k
         q_rows, drafted, token = [], [], pending
         for i in range(k):
