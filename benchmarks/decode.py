@@ -4,9 +4,20 @@ GPT-2-small and SmolLM-135M shapes, batch 1 and batch 8, 128 new tokens, fp32, g
 Also the fraction of the memory-bandwidth bound: each decode step must read every weight
 once, so tokens/s can be at most bandwidth / weight bytes (x batch). Bandwidth is measured
 in this run with a streaming matrix-vector product over a ~1 GB matrix, timed in alternation
-with the generators (median), since it drifts by tens of percent on a shared host.
+with the generators (median), since it drifts on a shared host.
+
+Then speculative decoding against plain greedy decoding on the same GPT-2-shaped target, batch 1.
+Random weights give no trained small model to draft with, so the draft is the target's own first
+`--draft-layers` blocks with its embeddings, final norm and head (the "early exit" draft of
+self-speculative decoding: nothing extra to store). Such a draft agrees with the target only as
+often as the first blocks already decide the next token; with random weights both mostly echo
+a token, so the acceptance rate is whatever this pair gives, printed beside the speed. The
+figures measure the machinery (k draft steps plus one target pass over k + 1 tokens, against
+one target step per token) at that acceptance rate; a trained pair's acceptance depends on
+the models and the text. The output is checked to be the plain greedy output, token for token.
 
     python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
+                                           # spec_speedup=S spec_acceptance=P spec_tok_s=C greedy_tok_s=G
     LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode kernels (oneDNN, PyTorch attention)
 """
 
@@ -16,14 +27,16 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
 import transformers
+from torch import nn
 
 from lmforge.checkpoint import load_model
-from lmforge.generate.engine import Engine, Request
-from lmforge.models import kernels
+from lmforge.generate.engine import Engine, Request, SpeculationStats, speculative_stream
+from lmforge.models import build_model, kernels
 
 
 def bandwidth_probe(m: torch.Tensor):
@@ -52,9 +65,42 @@ def lmforge_generate(engine: Engine, prompts: torch.Tensor, n: int) -> None:
     engine.generate([Request(p.tolist(), max_new_tokens=n) for p in prompts])
 
 
+def early_exit_draft(target: nn.Module, n_layers: int) -> nn.Module:
+    """The target's first `n_layers` blocks with its embeddings, final norm and head."""
+    draft = build_model(replace(target.config, n_layers=n_layers)).eval()
+    draft.load_state_dict(target.state_dict(), strict=False)  # the later blocks' tensors are left out
+    return draft
+
+
+def speculative_figures(target: nn.Module, args: argparse.Namespace) -> dict[str, str]:
+    """Plain greedy decoding against speculative greedy decoding, batch 1, timed in alternation."""
+    draft = early_exit_draft(target, args.draft_layers)
+    prompt = torch.randint(0, 1000, (args.prompt_len,)).tolist()
+    engine = Engine(target, n_slots=1, max_len=args.prompt_len + args.new_tokens + 1)
+    stats = SpeculationStats()
+
+    def plain() -> list[int]:
+        return engine.generate([Request(prompt, max_new_tokens=args.new_tokens)])[0].tokens
+
+    def speculative() -> list[int]:
+        request = Request(prompt, max_new_tokens=args.new_tokens)
+        return [t.token for t in speculative_stream(target, draft, request, k=args.k, stats=stats)]
+
+    if speculative() != plain():
+        raise SystemExit("speculative greedy output differs from plain greedy output: a bug")
+    t_plain, t_spec = interleaved_seconds([plain, speculative], args.repeats)
+    greedy_tok_s, spec_tok_s = args.new_tokens / t_plain, args.new_tokens / t_spec
+    speedup, acceptance = spec_tok_s / greedy_tok_s, stats.acceptance_rate
+    draft_of = f"first {args.draft_layers} of {target.config.n_layers} blocks + head"
+    print(f"speculative  batch 1 (draft: {draft_of}, k={args.k}): greedy {greedy_tok_s:7.1f} tok/s  "
+          f"speculative {spec_tok_s:7.1f} tok/s  speed-up {speedup:.2f}  acceptance {acceptance:.2f}")
+    return dict(spec_speedup=f"{speedup:.2f}", spec_acceptance=f"{acceptance:.2f}",
+                spec_tok_s=f"{spec_tok_s:.1f}", greedy_tok_s=f"{greedy_tok_s:.1f}")
+
+
 def interleaved_seconds(fns: list, repeats: int) -> list[float]:
     """Median seconds of each function, run in alternation so that both sides see the same
-    machine (memory bandwidth on a shared host drifts by tens of percent)."""
+    machine (memory bandwidth on a shared host drifts)."""
     times: list[list[float]] = [[] for _ in fns]
     for fn in fns:
         fn()  # warm-up
@@ -71,11 +117,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--draft-layers", type=int, default=1, help="blocks of the target the draft keeps")
+    parser.add_argument("--k", type=int, default=4, help="tokens the draft proposes per target pass")
     args = parser.parse_args()
     torch.manual_seed(0)
     print("decode kernels:", "native" if kernels.native() else "oneDNN and PyTorch attention (no native kernels)")
     big = torch.randn(16384, 16384)
     first = None
+    spec: dict[str, str] = {}
     for shape in ("gpt2", "smollm-135m"):
         hf = hf_model(shape)
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +132,8 @@ def main() -> None:
             ours, _ = load_model(tmp)
         ours.eval()
         weight_bytes = sum(p.numel() for p in ours.parameters()) * 4
+        if shape == "gpt2":
+            spec = speculative_figures(ours, args)
         for batch in (1, 8):
             prompts = torch.randint(0, 1000, (batch, args.prompt_len))
             n = args.new_tokens
@@ -97,7 +148,8 @@ def main() -> None:
                   f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
             if first is None:
                 first = (ours_tok_s / hf_tok_s, ours_tok_s, hf_tok_s)
-    print(f"ratio={first[0]:.2f} lmforge_tok_s={first[1]:.1f} hf_tok_s={first[2]:.1f}")
+    print(f"ratio={first[0]:.2f} lmforge_tok_s={first[1]:.1f} hf_tok_s={first[2]:.1f} "
+          + " ".join(f"{key}={value}" for key, value in spec.items()))
 
 
 if __name__ == "__main__":
