@@ -15,6 +15,21 @@ def _decoder_common(**kw):
                 num_attention_heads=4, max_position_embeddings=64, **kw)
 
 
+DECODERS = {  # family -> (config class, model class, settings beyond _decoder_common)
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"num_key_value_heads": 2}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"num_key_value_heads": 2, "sliding_window": 5}),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"num_key_value_heads": 2}),
+    # head_dim 16 != hidden_size / heads (8), as in the released Qwen3 and Gemma models
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"num_key_value_heads": 2, "head_dim": 16}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"num_key_value_heads": 1, "head_dim": 16}),
+    # Phi-3's default pad and eos ids (32000) lie outside the tiny vocabulary
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             {"num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 0}),
+}
+
+
 def hf_model(family: str, **overrides):
     """(model, config) for a tiny random HF model of `family`."""
     t = transformers
@@ -22,16 +37,9 @@ def hf_model(family: str, **overrides):
         cfg = t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **overrides)
         cls = t.GPT2LMHeadModel
-    elif family == "llama":
-        cfg = t.LlamaConfig(**_decoder_common(**{"num_key_value_heads": 2, **overrides}))
-        cls = t.LlamaForCausalLM
-    elif family == "mistral":
-        cfg = t.MistralConfig(**_decoder_common(**{"num_key_value_heads": 2, "sliding_window": 5, **overrides}))
-        cls = t.MistralForCausalLM
-    elif family == "mixtral":
-        cfg = t.MixtralConfig(**_decoder_common(**{"num_key_value_heads": 2, "num_local_experts": 4,
-                                                   "num_experts_per_tok": 2, **overrides}))
-        cls = t.MixtralForCausalLM
+    elif family in DECODERS:
+        config_cls, cls, settings = DECODERS[family]
+        cfg = config_cls(**_decoder_common(**{**settings, **overrides}))
     elif family in ("bert", "bert-mlm"):
         cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,

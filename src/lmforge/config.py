@@ -1,10 +1,10 @@
 """ModelConfig: the single source of truth for an architecture.
 
-Every supported family (GPT-2, BERT, LLaMA, Mistral, Mixtral) is one `ModelConfig`; the
-families differ by data, not code. Defaults describe a tiny LLaMA-style decoder so a bare
-`ModelConfig()` builds in milliseconds. Presets give named shapes: tiny ones for tests and
-the real ones (`gpt2`, `llama-3.2-1b`, `mixtral-8x7b`, ...) for sizing and for building an
-architecture before loading its weights.
+Every supported family (GPT-2, BERT, LLaMA, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Phi-3) is one
+`ModelConfig`; the families differ by data, not code. Defaults describe a tiny LLaMA-style
+decoder so a bare `ModelConfig()` builds in milliseconds. Presets give named shapes: tiny
+ones for tests and the real ones (`gpt2`, `llama-3.2-1b`, `mixtral-8x7b`, ...) for sizing and
+for building an architecture before loading its weights.
 
 Names follow one convention everywhere in lmforge (`dim`, `n_layers`, `n_heads`,
 `n_kv_heads`, `head_dim`, `hidden_dim`); Hugging Face names are translated only in
@@ -25,8 +25,8 @@ from typing import Any
 
 from lmforge.errors import LmforgeError
 
-MLP_KINDS = ("gelu", "gelu_tanh", "swiglu")
-NORM_KINDS = ("layernorm", "rmsnorm")
+MLP_KINDS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_unit_offset")
 POSITION_KINDS = ("learned", "rotary", "sinusoidal", "none")
 MODEL_KINDS = ("decoder", "encoder")
 ROPE_SCALING_TYPES = ("linear", "llama3")
@@ -44,18 +44,21 @@ class ModelConfig:
     n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
     head_dim: int | None = None  # width of one head; None = dim // n_heads
     hidden_dim: int = 172  # MLP inner width (per expert for mixture-of-experts)
-    mlp: str = "swiglu"  # "gelu" (exact, BERT), "gelu_tanh" (GPT-2's gelu_new) or "swiglu" (LLaMA)
-    norm: str = "rmsnorm"  # "layernorm" or "rmsnorm"
+    mlp: str = "swiglu"  # "gelu" (exact, BERT), "gelu_tanh" (GPT-2's gelu_new), "swiglu" (LLaMA) or "geglu_tanh" (Gemma: SwiGLU's gate with tanh-GELU)
+    norm: str = "rmsnorm"  # "layernorm", "rmsnorm" or "rmsnorm_unit_offset" (Gemma: scale = 1 + weight, so weights are stored as offsets)
     norm_eps: float = 1e-5  # epsilon inside every norm
     positions: str = "rotary"  # "learned" (GPT-2, BERT), "rotary" (LLaMA), "sinusoidal" or "none"
     rope_theta: float = 10000.0  # rotary base frequency
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
     max_seq_len: int = 256  # context window in tokens
     sliding_window: int | None = None  # each query sees only this many most recent keys (Mistral); None = full
-    attn_bias: bool = False  # biases on the q/k/v/o projections
+    attn_bias: bool = False  # biases on the q/k/v/o projections (q/k/v: unless qkv_bias says otherwise)
+    qkv_bias: bool | None = None  # biases on the q/k/v projections alone (Qwen2: q/k/v yes, o no); None = attn_bias
+    qk_norm: bool = False  # a norm over each head's queries and keys before rotation (Qwen3)
     mlp_bias: bool = False  # biases on the MLP projections
     norm_bias: bool = False  # LayerNorm has a bias (GPT-2, BERT); RMSNorm never does
     tie_embeddings: bool = True  # output projection shares the input embedding matrix
+    scale_embeddings: bool = False  # token embeddings multiplied by sqrt(dim), in their own dtype (Gemma)
     n_experts: int = 0  # mixture-of-experts experts per layer; 0 = dense MLP
     n_experts_per_token: int = 2  # experts each token is routed to (top-k)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in training objectives
@@ -74,6 +77,8 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attn_bias
         self.validate()
 
     def validate(self) -> None:
@@ -130,6 +135,7 @@ _GPT2 = dict(
     vocab_size=50257, max_seq_len=1024, bos_id=50256, eos_id=50256,
 )
 _LLAMA = dict(mlp="swiglu", norm="rmsnorm", positions="rotary", tie_embeddings=False)
+_TINY_ROTARY = dict(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=128)
 _BERT = dict(
     kind="encoder", mlp="gelu", norm="layernorm", norm_bias=True, norm_eps=1e-12, positions="learned",
     attn_bias=True, mlp_bias=True, type_vocab_size=2, vocab_size=30522, max_seq_len=512, pad_id=0,
@@ -139,9 +145,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tiny shapes for tests and quick experiments (CPU, seconds)
     "tiny-gpt2": dict(_GPT2, vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_seq_len=128, bos_id=None, eos_id=None),
     "tiny-bert": dict(_BERT, vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_seq_len=128, pooler=True),
-    "tiny-llama": dict(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=128),
-    "tiny-mistral": dict(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=128, sliding_window=16),
-    "tiny-mixtral": dict(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=128, n_experts=4, n_experts_per_token=2),
+    "tiny-llama": dict(_TINY_ROTARY),
+    "tiny-mistral": dict(_TINY_ROTARY, sliding_window=16),
+    "tiny-mixtral": dict(_TINY_ROTARY, hidden_dim=96, n_experts=4, n_experts_per_token=2),
+    "tiny-qwen2": dict(_TINY_ROTARY, qkv_bias=True, tie_embeddings=True),
+    "tiny-qwen3": dict(_TINY_ROTARY, head_dim=32, qk_norm=True),  # head_dim != dim // n_heads, as in Qwen3
+    "tiny-gemma": dict(_TINY_ROTARY, n_kv_heads=1, head_dim=32, mlp="geglu_tanh", norm="rmsnorm_unit_offset",
+                       scale_embeddings=True, tie_embeddings=True),
+    "tiny-phi3": dict(_TINY_ROTARY, sliding_window=24),  # LLaMA's shape; checkpoints differ only in fused projections
     # real shapes, for sizing and for building before loading weights
     "gpt2": dict(_GPT2, dim=768, n_layers=12, n_heads=12, hidden_dim=3072),
     "gpt2-medium": dict(_GPT2, dim=1024, n_layers=24, n_heads=16, hidden_dim=4096),

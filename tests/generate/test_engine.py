@@ -24,14 +24,17 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize(("family", "overrides"), [("gpt2", {}), ("llama", {"num_key_value_heads": 2}),
-                                                   ("mistral", {"sliding_window": 6}), ("mixtral", {})])
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("gpt2", {}), ("llama", {"num_key_value_heads": 2}), ("mistral", {"sliding_window": 6}), ("mixtral", {}),
+    ("qwen2", {}), ("qwen3", {}), ("phi3", {}), ("phi3", {"sliding_window": 6}),
+    ("gemma", {"tie_word_embeddings": False}),  # tied, a tiny random Gemma repeats its last token: too easy a test
+])
 def test_greedy_equals_transformers(tmp_path, family, overrides):
     hf = hf_model(family, **overrides)
     hf.save_pretrained(tmp_path / "m")
     model, _ = load_model(tmp_path / "m")
     prompt = [5, 17, 33, 2, 9, 60, 41]
-    n = 20  # prompt + output (27) is far beyond mistral's window of 6
+    n = 24  # prompt + output (31) is far beyond a window of 6
     want = hf_greedy(hf, prompt, n)
     got = Engine(model).generate([Request(prompt, max_new_tokens=n)])[0]
     assert got.tokens == want

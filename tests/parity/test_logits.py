@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lmforge.checkpoint import load_model, save_hf
+from lmforge.checkpoint.io import read_json, read_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,6 +39,14 @@ def ours(path, ids, mask=None):
         ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
         ("mistral", {"sliding_window": 5}),  # window shorter than the sequence
         ("mixtral", {}),  # top-2 of 4 experts
+        ("qwen2", {}),  # biases on q/k/v, none on o
+        ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
+        ("qwen3", {}),  # per-head q/k norms; head_dim 16 != 32 / 4
+        ("qwen3", {"attention_bias": True, "num_key_value_heads": 1}),
+        ("gemma", {}),  # GeGLU, 1 + w norms, embeddings scaled by sqrt(dim), tied head, multi-query
+        ("gemma", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
+        ("phi3", {}),  # fused qkv (q 32 rows, k and v 16 each) and gate_up
+        ("phi3", {"sliding_window": 5}),
     ],
 )
 def test_decoder_logits_match(make_hf, family, overrides):
@@ -45,7 +54,7 @@ def test_decoder_logits_match(make_hf, family, overrides):
     assert_close(ours(path, IDS), hf_logits(model, IDS), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3"])
 def test_decoder_padding_mask(make_hf, family):
     model, path = make_hf(family)
     mask = torch.ones_like(IDS)
@@ -82,7 +91,7 @@ def test_bert_encoder_hidden_states_and_pooler(make_hf):
     assert_close(pooled, want.pooler_output, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])  # gemma: the scaled embeddings
 def test_hidden_states_match(make_hf, family):
     model, path = make_hf(family)
     with torch.no_grad():
@@ -93,12 +102,16 @@ def test_hidden_states_match(make_hf, family):
         assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral", "bert-mlm", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral", "bert-mlm", "bert", "qwen2", "qwen3", "gemma", "phi3"])
 def test_save_hf_reloads_in_transformers(make_hf, tmp_path, family):
     model, path = make_hf(family)
     ours_model, _ = load_model(path)
     out = tmp_path / "exported"
     save_hf(ours_model, out)
+    # the same family, and every tensor bit for bit (Phi-3's projections fused again, Gemma's offsets kept)
+    assert read_json(out / "config.json")["model_type"] == model.config.model_type
+    original = read_tensors(path / "model.safetensors")
+    assert all(torch.equal(t, original[name]) for name, t in read_tensors(out / "model.safetensors").items())
     auto = transformers.AutoModelForMaskedLM if family == "bert-mlm" else (
         transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM)
     reloaded = auto.from_pretrained(out).eval()

@@ -33,6 +33,10 @@ FAMILIES = {  # preset -> targets that cover its linear layers (experts' for Mix
     "tiny-gpt2": MLP_AND_ATTN,
     "tiny-mixtral": ["*.attn.q", "*.attn.v", "*.mlp.experts.*"],
     "tiny-bert": MLP_AND_ATTN,
+    "tiny-qwen2": MLP_AND_ATTN,  # q/k/v with biases
+    "tiny-qwen3": MLP_AND_ATTN,  # the per-head norms are no linear layers: "*.attn.q" matches q alone
+    "tiny-gemma": MLP_AND_ATTN,
+    "tiny-phi3": MLP_AND_ATTN,  # a Phi-3 checkpoint's fused projections load as these q/k/v and gate/up
 }
 
 

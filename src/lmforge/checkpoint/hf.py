@@ -8,7 +8,12 @@ The only place in lmforge that knows family names and Hugging Face parameter nam
   `(our names, their name, transform)`. `{i}` stands for a layer, `{e}` for an expert; a
   name starting with `^` is outside the prefix (e.g. `lm_head.weight`).
 - Transforms are named pairs (load, save): `copy`, `transpose` (GPT-2's Conv1D stores
-  weights as in x out) and `split3` / `split3_t` (GPT-2's fused q/k/v projection).
+  weights as in x out), and `split` / `split_t` for fused projections (GPT-2's q/k/v, Phi-3's
+  q/k/v and gate/up), cut into pieces the sizes of our tensors, so grouped-query attention's
+  smaller k/v need no extra data; saving concatenates them again.
+- A loaded model remembers its family (`config.extra["hf_model_type"]`); `save_hf` writes that
+  family again when it can hold the model (a Phi-3 keeps its fused projections), else the first
+  family in `SAVED_AS` that can.
 - Loading names every missing, unexpected and mis-shaped tensor; tensors that are buffers in
   some checkpoints (`attn.bias`, `rotary_emb.inv_freq`, `position_ids`) are ignored.
 """
@@ -40,13 +45,21 @@ from lmforge.models import build_model
 
 # ---------------------------------------------------------------- transforms
 
-Transform = tuple[Callable[[Tensor], tuple[Tensor, ...]], Callable[[tuple[Tensor, ...]], Tensor]]
+# load: (their tensor, first-dim sizes of our tensors) -> our tensors; save: our tensors -> theirs
+Transform = tuple[Callable[[Tensor, tuple[int, ...]], tuple[Tensor, ...]], Callable[[tuple[Tensor, ...]], Tensor]]
+
+
+def _split(t: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """Rows cut into pieces of `sizes`; a tensor with another row count is passed on whole, so the
+    shape check names it instead of failing inside torch."""
+    return t.split(sizes, dim=0) if t.shape[0] == sum(sizes) else (t,) * len(sizes)
+
 
 TRANSFORMS: dict[str, Transform] = {
-    "copy": (lambda t: (t,), lambda ts: ts[0]),
-    "transpose": (lambda t: (t.t(),), lambda ts: ts[0].t()),
-    "split3": (lambda t: t.chunk(3, dim=0), lambda ts: torch.cat(ts, dim=0)),
-    "split3_t": (lambda t: t.t().chunk(3, dim=0), lambda ts: torch.cat(ts, dim=0).t()),
+    "copy": (lambda t, sizes: (t,), lambda ts: ts[0]),
+    "transpose": (lambda t, sizes: (t.t(),), lambda ts: ts[0].t()),
+    "split": (_split, lambda ts: torch.cat(ts, dim=0)),
+    "split_t": (lambda t, sizes: _split(t.t(), sizes), lambda ts: torch.cat(ts, dim=0).t()),
 }
 
 
@@ -68,8 +81,8 @@ GPT2_RULES = _rules(
     ("positions.weight", "wpe.weight"),
     ("layers.{i}.attn_norm.weight", "h.{i}.ln_1.weight"),
     ("layers.{i}.attn_norm.bias", "h.{i}.ln_1.bias"),
-    (("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight", "layers.{i}.attn.v.weight"), "h.{i}.attn.c_attn.weight", "split3_t"),
-    (("layers.{i}.attn.q.bias", "layers.{i}.attn.k.bias", "layers.{i}.attn.v.bias"), "h.{i}.attn.c_attn.bias", "split3"),
+    (("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight", "layers.{i}.attn.v.weight"), "h.{i}.attn.c_attn.weight", "split_t"),
+    (("layers.{i}.attn.q.bias", "layers.{i}.attn.k.bias", "layers.{i}.attn.v.bias"), "h.{i}.attn.c_attn.bias", "split"),
     ("layers.{i}.attn.o.weight", "h.{i}.attn.c_proj.weight", "transpose"),
     ("layers.{i}.attn.o.bias", "h.{i}.attn.c_proj.bias"),
     ("layers.{i}.mlp_norm.weight", "h.{i}.ln_2.weight"),
@@ -83,14 +96,38 @@ GPT2_RULES = _rules(
     ("lm_head.weight", "^lm_head.weight"),
 )
 
-LLAMA_RULES = _rules(
+_ROTARY_COMMON = _rules(  # every LLaMA-style family: embeddings, norms, output head
     ("embed.weight", "embed_tokens.weight"),
     ("layers.{i}.attn_norm.weight", "layers.{i}.input_layernorm.weight"),
-    *[(f"layers.{{i}}.attn.{p}.{w}", f"layers.{{i}}.self_attn.{p}_proj.{w}") for p in "qkvo" for w in ("weight", "bias")],
     ("layers.{i}.mlp_norm.weight", "layers.{i}.post_attention_layernorm.weight"),
-    *[(f"layers.{{i}}.mlp.{p}.{w}", f"layers.{{i}}.mlp.{p}_proj.{w}") for p in ("gate", "up", "down") for w in ("weight", "bias")],
     ("norm.weight", "norm.weight"),
     ("lm_head.weight", "^lm_head.weight"),
+)
+
+LLAMA_RULES = (  # also Qwen2 (q/k/v biases) and Gemma (the same names)
+    *_ROTARY_COMMON,
+    *_rules(
+        *[(f"layers.{{i}}.attn.{p}.{w}", f"layers.{{i}}.self_attn.{p}_proj.{w}") for p in "qkvo" for w in ("weight", "bias")],
+        *[(f"layers.{{i}}.mlp.{p}.{w}", f"layers.{{i}}.mlp.{p}_proj.{w}") for p in ("gate", "up", "down") for w in ("weight", "bias")],
+    ),
+)
+
+QWEN3_RULES = (
+    *LLAMA_RULES,
+    *_rules(
+        ("layers.{i}.attn.q_norm.weight", "layers.{i}.self_attn.q_norm.weight"),
+        ("layers.{i}.attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight"),
+    ),
+)
+
+PHI3_RULES = (  # fused projections, cut at our q/k/v and gate/up sizes
+    *_ROTARY_COMMON,
+    *_rules(
+        (("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight", "layers.{i}.attn.v.weight"), "layers.{i}.self_attn.qkv_proj.weight", "split"),
+        ("layers.{i}.attn.o.weight", "layers.{i}.self_attn.o_proj.weight"),
+        (("layers.{i}.mlp.gate.weight", "layers.{i}.mlp.up.weight"), "layers.{i}.mlp.gate_up_proj.weight", "split"),
+        ("layers.{i}.mlp.down.weight", "layers.{i}.mlp.down_proj.weight"),
+    ),
 )
 
 MIXTRAL_RULES = (
@@ -224,33 +261,113 @@ def gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
     }
 
 
-def llama_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
-    _require(hf, "hidden_act", ("silu",), "silu")
+def _rotary_config(hf: dict[str, Any], **fields: Any) -> ModelConfig:
+    """A RoPE + RMSNorm + SwiGLU decoder from the keys every LLaMA-style config.json shares;
+    `fields` add a family's own parts or replace a default (transformers' defaults differ per family)."""
     n_heads = hf["num_attention_heads"]
-    return ModelConfig(
+    shared = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         hidden_dim=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         positions="rotary", **_rope_from_hf(hf), max_seq_len=hf.get("max_position_embeddings", 2048),
-        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_special_ids(hf),
+    )
+    return ModelConfig(**{**shared, **fields})
+
+
+def _rotary_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "intermediate_size": c.hidden_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings, **_rope_to_hf(c),
+    }
+
+
+def llama_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    return _rotary_config(
+        hf, sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
         attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
         n_experts=hf.get("num_local_experts", 0), n_experts_per_token=hf.get("num_experts_per_tok", 2),
-        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01), **_special_ids(hf),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01),
     )
 
 
 def llama_to_hf(c: ModelConfig) -> dict[str, Any]:
-    out = {
-        "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "intermediate_size": c.hidden_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
-        "max_position_embeddings": c.max_seq_len, "attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias,
-        "tie_word_embeddings": c.tie_embeddings, "sliding_window": c.sliding_window, **_rope_to_hf(c),
-    }
+    out = {**_rotary_to_hf(c), "attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias, "sliding_window": c.sliding_window}
     if c.n_experts:
         out.update(num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_per_token, router_aux_loss_coef=c.router_aux_loss_coef)
     return out
+
+
+def _qwen_window(hf: dict[str, Any]) -> int | None:
+    """Qwen's window applies only with `use_sliding_window`, and only to the layers `layer_types`
+    marks (by default those from `max_window_layers` on); lmforge slides on every layer or none."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    n = hf["num_hidden_layers"]
+    default = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
+    sliding = [t == "sliding_attention" and window is not None for t in hf.get("layer_types") or default]
+    if len(set(sliding)) > 1:
+        raise LmforgeError(
+            f"config.json slides a window over {sum(sliding)} of {n} layers and attends fully on the rest; "
+            "lmforge applies one window to every layer or to none"
+        )
+    return window if all(sliding) else None
+
+
+def _qwen_window_to_hf(c: ModelConfig) -> dict[str, Any]:
+    kind = "full_attention" if c.sliding_window is None else "sliding_attention"
+    return {"use_sliding_window": c.sliding_window is not None, "sliding_window": c.sliding_window,
+            "max_window_layers": 0, "layer_types": [kind] * c.n_layers}
+
+
+def qwen2_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    return _rotary_config(hf, qkv_bias=True, attn_bias=False, sliding_window=_qwen_window(hf))
+
+
+def qwen2_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {**_rotary_to_hf(c), **_qwen_window_to_hf(c)}
+
+
+def qwen3_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    return _rotary_config(hf, head_dim=hf.get("head_dim", 128), qk_norm=True, attn_bias=hf.get("attention_bias", False),
+                          sliding_window=_qwen_window(hf))
+
+
+def qwen3_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {**_rotary_to_hf(c), "attention_bias": c.attn_bias, **_qwen_window_to_hf(c)}
+
+
+def gemma_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    # transformers reads the legacy hidden_act "gelu" of the released checkpoints as the tanh form
+    _require(hf, "hidden_act", ("gelu", "gelu_pytorch_tanh"), "gelu_pytorch_tanh")
+    _require(hf, "hidden_activation", (None, "gelu_pytorch_tanh"))
+    _require(hf, "use_bidirectional_attention", (None, False))
+    return _rotary_config(
+        hf, head_dim=hf.get("head_dim", 256), mlp="geglu_tanh", norm="rmsnorm_unit_offset", scale_embeddings=True,
+        attn_bias=hf.get("attention_bias", False), tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def gemma_to_hf(c: ModelConfig) -> dict[str, Any]:
+    tanh = "gelu_pytorch_tanh"
+    return {**_rotary_to_hf(c), "hidden_act": tanh, "hidden_activation": tanh, "attention_bias": c.attn_bias}
+
+
+def phi3_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise LmforgeError(f"config.json rotates {partial} of each head (partial_rotary_factor); lmforge rotates whole heads")
+    return _rotary_config(hf, norm_eps=hf.get("rms_norm_eps", 1e-5), sliding_window=hf.get("sliding_window"))
+
+
+def phi3_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {**_rotary_to_hf(c), "sliding_window": c.sliding_window, "original_max_position_embeddings": c.max_seq_len,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}
 
 
 def bert_config(hf: dict[str, Any], architecture: str) -> ModelConfig:
@@ -289,6 +406,7 @@ class Family:
     architectures: tuple[str, ...]  # the first is written on save; the rest load too
 
 
+SOURCE_FAMILY = "hf_model_type"  # key of `ModelConfig.extra` naming the family a model was loaded from
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "transformer.", GPT2_RULES, gpt2_config, gpt2_to_hf, ("GPT2LMHeadModel", "GPT2Model")),
     "llama": Family("llama", "model.", LLAMA_RULES, llama_config, llama_to_hf, ("LlamaForCausalLM", "LlamaModel")),
@@ -298,6 +416,10 @@ FAMILIES: dict[str, Family] = {
         "bert", "bert.", BERT_RULES, bert_config, bert_to_hf,
         ("BertForMaskedLM", "BertModel", "BertForPreTraining", "BertForSequenceClassification"),
     ),
+    "qwen2": Family("qwen2", "model.", LLAMA_RULES, qwen2_config, qwen2_to_hf, ("Qwen2ForCausalLM", "Qwen2Model")),
+    "qwen3": Family("qwen3", "model.", QWEN3_RULES, qwen3_config, qwen3_to_hf, ("Qwen3ForCausalLM", "Qwen3Model")),
+    "gemma": Family("gemma", "model.", LLAMA_RULES, gemma_config, gemma_to_hf, ("GemmaForCausalLM", "GemmaModel")),
+    "phi3": Family("phi3", "model.", PHI3_RULES, phi3_config, phi3_to_hf, ("Phi3ForCausalLM", "Phi3Model")),
 }
 
 
@@ -319,21 +441,44 @@ def config_from_hf(hf_config: dict[str, Any], source: str | Path = "config.json"
             f"{source} is a {architecture}; lmforge loads {', '.join(family.architectures)} for {family.model_type}"
         )
     try:
-        return family.config_from_hf(hf_config, architecture)
+        config = family.config_from_hf(hf_config, architecture)
     except KeyError as e:
         raise LmforgeError(f"{source} lacks the key {e.args[0]!r} that a {family.model_type} config needs") from None
+    config.extra[SOURCE_FAMILY] = family.model_type
+    return config
+
+
+def _rotary(c: ModelConfig, norm: str = "rmsnorm", mlp: str = "swiglu", qk_norm: bool = False, scaled: bool = False) -> bool:
+    """A dense rotary decoder with exactly these components."""
+    return (c.kind, c.positions, c.n_experts, c.norm, c.mlp, c.qk_norm, c.scale_embeddings) == (
+        "decoder", "rotary", 0, norm, mlp, qk_norm, scaled)
+
+
+SAVED_AS: tuple[tuple[str, Callable[[ModelConfig], bool]], ...] = (  # family, can it hold the model; first match wins
+    ("bert", lambda c: c.kind == "encoder"),
+    ("mixtral", lambda c: c.n_experts > 0),
+    ("gpt2", lambda c: c.positions == "learned" and c.norm == "layernorm"),
+    ("qwen2", lambda c: _rotary(c) and c.qkv_bias and not (c.attn_bias or c.mlp_bias)),
+    ("qwen3", lambda c: _rotary(c, qk_norm=True) and c.qkv_bias == c.attn_bias and not c.mlp_bias),
+    ("gemma", lambda c: _rotary(c, "rmsnorm_unit_offset", "geglu_tanh", scaled=True) and c.qkv_bias == c.attn_bias
+     and not c.mlp_bias and c.sliding_window is None),
+    ("phi3", lambda c: _rotary(c) and not (c.qkv_bias or c.attn_bias or c.mlp_bias) and c.rope_scaling is None
+     and c.extra.get(SOURCE_FAMILY) == "phi3"),  # LLaMA's shape: only for a model read from Phi-3
+    ("mistral", lambda c: _rotary(c) and c.qkv_bias == c.attn_bias and c.sliding_window is not None),
+    ("llama", lambda c: _rotary(c) and c.qkv_bias == c.attn_bias and c.sliding_window is None),
+)
 
 
 def family_for(config: ModelConfig) -> Family:
-    """The Hugging Face family that can hold a model of this shape (for saving lmforge-trained models)."""
-    if config.kind == "encoder":
-        return FAMILIES["bert"]
-    if config.n_experts:
-        return FAMILIES["mixtral"]
-    if config.positions == "learned" and config.norm == "layernorm":
-        return FAMILIES["gpt2"]
-    if config.positions == "rotary" and config.norm == "rmsnorm" and config.mlp == "swiglu":
-        return FAMILIES["mistral" if config.sliding_window else "llama"]
+    """The Hugging Face family that can hold a model of this shape: the one it was loaded from, if
+    that one can, else the first of `SAVED_AS` that can (for models trained in lmforge)."""
+    holds = dict(SAVED_AS)
+    source = config.extra.get(SOURCE_FAMILY)
+    if source in holds and holds[source](config):
+        return FAMILIES[source]
+    for name, can_hold in SAVED_AS:
+        if can_hold(config):
+            return FAMILIES[name]
     raise LmforgeError(
         f"no Hugging Face family matches this model (positions={config.positions}, norm={config.norm}, mlp={config.mlp}); "
         "save it in lmforge format instead"
@@ -422,7 +567,8 @@ def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dic
             missing.append(theirs)
             continue
         used.add(theirs)
-        for name, t in zip(ours, TRANSFORMS[transform][0](tensors[theirs])):
+        sizes = tuple(expected[n].shape[0] for n in ours)
+        for name, t in zip(ours, TRANSFORMS[transform][0](tensors[theirs], sizes)):
             if t.shape != expected[name].shape:
                 misshaped.append(f"{theirs} {tuple(tensors[theirs].shape)}")
             state[name] = t

@@ -1,9 +1,11 @@
-"""The decoder: GPT-2, LLaMA, Mistral and Mixtral from one class.
+"""The decoder: GPT-2, LLaMA, Mistral, Mixtral, Qwen2, Qwen3, Gemma and Phi-3 from one class.
 
 The families differ only in the components `ModelConfig` selects when the model is built:
-learned vs rotary positions, LayerNorm vs RMSNorm, GELU MLP vs SwiGLU vs mixture of experts,
-full vs sliding-window attention, tied vs untied output embeddings. `forward` is the same
-straight line for all of them: embed, add positions, blocks, final norm, output projection.
+learned vs rotary positions, LayerNorm vs RMSNorm (plain or unit-offset), GELU MLP vs gated MLP
+(SwiGLU, GeGLU) vs mixture of experts, full vs sliding-window attention, per-head query/key
+norms or none, scaled or plain embeddings, tied vs untied output embeddings. `forward` is the
+same straight line for all of them: embed, scale, add positions, blocks, final norm, output
+projection.
 
 Packed training sequences (several documents in one row, see `data/sft.py`) pass
 `document_ids` (B, T): a token attends only to earlier tokens of its own document, and the
@@ -20,7 +22,14 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.models.cpu_ops import Linear, TiedGradient, embedding, linear_cross_entropy
 from lmforge.models.kv_cache import CacheView
-from lmforge.models.layers import Block, attention_mask, init_weights, make_norm, make_positions
+from lmforge.models.layers import (
+    Block,
+    attention_mask,
+    init_weights,
+    make_embedding_scale,
+    make_norm,
+    make_positions,
+)
 
 
 def default_positions(input_ids: Tensor) -> Tensor:
@@ -35,6 +44,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_scale = make_embedding_scale(config)
         self.positions = make_positions(config)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
@@ -63,7 +73,7 @@ class GPT(nn.Module):
         its rows to it (see `TiedGradient`).
         """
         positions = default_positions(input_ids) if positions is None else positions
-        tokens = embedding(input_ids, self.embed.weight, tied)  # (B, T, dim)
+        tokens = self.embed_scale(embedding(input_ids, self.embed.weight, tied))  # (B, T, dim)
         x = self.drop(self.positions.add(tokens, positions))  # (B, T, dim)
         rope = self.positions.angles(positions)
         mask = self._mask(positions, attention_mask, document_ids, cache)

@@ -1,8 +1,10 @@
 """The architecture blocks every model is built from: norms, positions, attention, MLPs, experts.
 
 Design choices:
-- Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`, and
-  `Linear` for every projection), so every `forward` below is straight-line code.
+- Components are chosen when a module is built (`make_norm`, `make_positions`, `make_mlp`,
+  `make_embedding_scale`, and `Linear` for every projection), so every `forward` below is
+  straight-line code. An optional part that a family lacks is an `nn.Identity` (the per-head
+  query/key norms, the embedding scale), never a branch.
 - Attention goes through PyTorch's fused `scaled_dot_product_attention`. Causality,
   padding, sliding windows and the KV cache are all expressed the same way: each query and
   each key carries its absolute position, and `attention_mask` turns positions into a boolean
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +57,46 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class UnitOffsetRMSNorm(RMSNorm):
+    """RMSNorm whose scale is 1 + weight (Gemma). The weight is kept as the offset the checkpoints
+    store, so weights load and save bit for bit; scaling happens in float32 before the cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default: the residual width)."""
+    dim = config.dim if dim is None else dim
     if config.norm == "rmsnorm":
-        return RMSNorm(config.dim, config.norm_eps)
-    return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias)
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "rmsnorm_unit_offset":
+        return UnitOffsetRMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbeddingScale(nn.Module):
+    """Token embeddings times sqrt(dim) (Gemma). The factor is a float32 buffer rounded to the
+    embeddings' dtype before the product, as in the reference, so low-precision models match too."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(dim**0.5), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.to(x.dtype)
+
+
+def make_embedding_scale(config: ModelConfig) -> nn.Module:
+    return EmbeddingScale(config.dim) if config.scale_embeddings else nn.Identity()
 
 
 # ---------------------------------------------------------------- positions
@@ -212,7 +251,10 @@ def _native_attention(q: Tensor, cache: CacheView | None, mask: Tensor | None, t
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache."""
+    """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache.
+
+    With `qk_norm`, each head's queries and keys are normed over `head_dim` before the rotation,
+    which keeps attention logits bounded (Qwen3)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -220,18 +262,19 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.causal = config.causal
         self.dropout = config.dropout
-        bias = config.attn_bias
-        self.q = Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
-        self.k = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o = Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.q = Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o = Linear(self.n_heads * self.head_dim, config.dim, bias=config.attn_bias)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.rotate = apply_rotary if config.positions == "rotary" else no_rotation
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        q = self.q_norm(self.q(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_norm(self.k(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = self.rotate(q, k, rope)
         if (native := _native_attention(q, cache, mask, self.training)) is not None:
@@ -263,22 +306,29 @@ class GeluMLP(nn.Module):
         return self.drop(self.down(gelu(self.up(x), self.approximate)))
 
 
-class SwiGLU(nn.Module):
-    """The gated MLP of LLaMA (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+GATE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "swiglu": F.silu,  # LLaMA
+    "geglu_tanh": partial(gelu, approximate="tanh"),  # Gemma
+}
+
+
+class GatedMLP(nn.Module):
+    """The gated MLP (Shazeer, 2020): down(act(gate(x)) * up(x)), SwiGLU or GeGLU by `config.mlp`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.act = GATE_ACTIVATIONS[config.mlp]
         self.gate = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.up = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down = Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+        return self.drop(self.down(self.act(self.gate(x)) * self.up(x)))
 
 
 class MoE(nn.Module):
-    """Sparse mixture of SwiGLU experts with top-k routing (Mixtral).
+    """Sparse mixture of gated-MLP experts with top-k routing (Mixtral).
 
     Router probabilities are a softmax over all experts; the chosen top-k are renormalised
     to sum to one. After each forward, `aux_loss` holds the Switch-Transformer load-balancing
@@ -290,7 +340,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = config.n_experts_per_token
         self.router = Linear(config.dim, config.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(config) for _ in range(config.n_experts))
+        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_experts))
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -316,7 +366,7 @@ class MoE(nn.Module):
 def make_mlp(config: ModelConfig) -> nn.Module:
     if config.n_experts:
         return MoE(config)
-    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+    return GatedMLP(config) if config.mlp in GATE_ACTIVATIONS else GeluMLP(config)
 
 
 class Block(nn.Module):
