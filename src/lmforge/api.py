@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.checkpoint import load_model, save_hf, save_native
+from lmforge.checkpoint import float_dtype, load_model, save_hf, save_native, stored_dtype
 from lmforge.checkpoint.heads import HEAD_CONFIG, load_head_model
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -198,11 +198,20 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
     return ids, mask
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LM:
+def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> LM:
     """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json).
 
     Also a classifier or reward model, a quantized folder, and a LoRA run folder that holds only
     its adapter (the base recorded in adapter_config.json is loaded and the adapter merged).
+
+    `dtype` sets the dtype of the weights:
+    - None (the default): float32, whatever the folder stores (bfloat16 and float16 checkpoints are
+      widened exactly), the dtype CPUs compute fastest and the one the parity tests check;
+    - "auto": the dtype the folder was saved in, read as transformers' `dtype="auto"` reads it
+      (config.json's `dtype`, else the stored tensors'), so a bfloat16 checkpoint keeps half the memory;
+    - a torch dtype (`torch.bfloat16`) or its name ("bfloat16", "float16", "float32").
+    Parameters and stored buffers take the dtype; buffers computed when the model is built (rotary
+    frequencies, sinusoid tables) stay float32, as in transformers, so positions keep their precision.
     """
     from lmforge.quantize import is_quantized_folder, load_quantized
     from lmforge.train.setup import adapter_base, is_adapter_only, merged_model
@@ -216,8 +225,23 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
         model = load_quantized(folder)
     else:
         model = load_model(folder)[0]
+    if dtype == "auto":
+        dtype = stored_dtype(folder)
     if dtype is not None:
-        model = model.to(dtype)
+        cast_weights(model, float_dtype(dtype) if isinstance(dtype, str) else dtype)
     model = model.to(device).eval()
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
     return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder))
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and state-dict buffers of `model` to `dtype`, in place;
+    buffers outside the state dict (computed at build time, e.g. rotary frequencies) keep theirs."""
+    saved = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)  # .data keeps tied parameters one object
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and id(buffer) in saved:
+                setattr(module, name, buffer.to(dtype))
