@@ -310,7 +310,7 @@ def family_of(hf_config: dict[str, Any], source: str | Path) -> Family:
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
         raise LmforgeError(
-            f"{source} has model_type {model_type!r}, which lmforge cannot load; supported: {', '.join(FAMILIES)}"
+            f"{source} has model_type {model_type!r}, which lmforge cannot load; supported model types: {', '.join(FAMILIES)}"
         )
     return FAMILIES[model_type]
 
