@@ -123,7 +123,7 @@ def test_stored_output_layer_that_differs_wins_over_a_tied_config(make_hf, famil
 
 
 def test_stored_output_layer_equal_to_the_embeddings_stays_tied(make_hf):
-    model, path = make_hf("llama", tie_word_embeddings=True)
+    _, path = make_hf("llama", tie_word_embeddings=True)
     tensors = load_file(path / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # as pickle-era exports store it
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -148,7 +148,7 @@ def test_untied_config_without_an_output_layer_is_refused(make_hf, family):
     edit_config(path, tie_word_embeddings=False)
     _, info = auto_class(family).from_pretrained(path, output_loading_info=True)
     assert "lm_head.weight" in info["missing_keys"]
-    with pytest.raises(LmforgeError, match="tie_word_embeddings=false, but the weights have no lm_head.weight") as e:
+    with pytest.raises(LmforgeError, match=r"tie_word_embeddings=false, but the weights have no lm_head\.weight") as e:
         load_model(path)
     assert "\n" not in str(e.value)
 
