@@ -417,7 +417,8 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
     family = FAMILIES[hf_config["model_type"]]
     tensors = load_hf_weights(folder)
     prefix = family.prefix if any(k.startswith(family.prefix) for k in tensors) else ""
-    config = _tie_as_stored(config, family, prefix, tensors, folder)
+    headless = _first(hf_config.get("architectures")) not in (None, family.architectures[0])
+    config = _tie_as_stored(config, family, prefix, tensors, folder, headless)
     model = build_model(config)
     load_checked(unique_state(model), _convert_to_ours(model, family, prefix, tensors, folder), folder)
     return model, config
@@ -432,13 +433,15 @@ def _tied_names(family: Family, prefix: str) -> tuple[str | None, str | None]:
 
 
 def _tie_as_stored(config: ModelConfig, family: Family, prefix: str, tensors: dict[str, Tensor],
-                   source: Path) -> ModelConfig:
+                   source: Path, headless: bool) -> ModelConfig:
     """Tie the output projection to the embeddings as transformers 5 does when it loads the folder.
 
     It follows config.json's `tie_word_embeddings`, except that a tied checkpoint that stores both
     matrices with different values is loaded untied (transformers warns and keeps both), and one
     that stores only the output matrix lends it to the embeddings (`tensors` is changed in place).
-    An untied config without an output matrix is refused: transformers would fill it at random.
+    An untied config without an output matrix is refused (transformers would fill it at random),
+    unless the architecture is a base model without one (`headless`: LlamaModel, GPT2Model): lmforge's
+    decoder always has an output layer, so it reuses the embeddings (hidden states are exact).
     """
     embed, output = _tied_names(family, prefix)
     has_embed, has_output = embed in tensors, output in tensors
@@ -448,6 +451,8 @@ def _tie_as_stored(config: ModelConfig, family: Family, prefix: str, tensors: di
         tensors[embed] = tensors.pop(output)
     has_head = config.kind == "decoder" or config.mlm_head
     if not config.tie_embeddings and has_head and has_embed and not has_output:
+        if headless:
+            return replace(config, tie_embeddings=True)
         raise LmforgeError(
             f"{source}/config.json says tie_word_embeddings=false, but the weights have no {output} "
             "(transformers would start it from random values); if the model reuses its input embeddings "
