@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint import float_dtype, load_model, save_hf, save_native, stored_dtype
 from lmforge.checkpoint.heads import HEAD_CONFIG, load_head_model
+from lmforge.checkpoint.sentence import SentenceConfig, read_sentence_config
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token
@@ -67,6 +68,7 @@ class LM:
     tokenizer: Tokenizer | None
     path: Path | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
+    sentence: SentenceConfig = field(default_factory=SentenceConfig)  # how `embed` pools, normalises, cuts
 
     @property
     def config(self) -> ModelConfig:
@@ -142,11 +144,18 @@ class LM:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> Tensor:
-        """Mean-pooled, L2-normalised final hidden states (N, dim)."""
-        tok = self._tok()
-        encoded = [tok.encode(t, add_special_tokens=True)[: self.config.max_seq_len] or [tok.padding_id] for t in texts]
-        ids, mask = pad_batch(encoded, tok.padding_id)
-        return sentence_embeddings(self.model.eval(), ids, mask)
+        """Sentence embeddings (N, dim), computed as `SentenceTransformer(folder).encode(texts)` does when
+        the folder holds sentence-transformers files (pooling, Normalize, max_seq_length, lowercasing,
+        default prompt: see `checkpoint/sentence.py`), else mean-pooled and L2-normalised. A text is cut,
+        keeping its special tokens, to max_seq_length, else the tokenizer's model_max_length, and never
+        past the model's max_seq_len."""
+        tok, how = self._tok(), self.sentence
+        limit = min(how.max_length or tok.model_max_length or self.config.max_seq_len, self.config.max_seq_len)
+        texts = [how.prompt + t for t in texts]
+        encoded = tok.encode_batch([t.lower() for t in texts] if how.lowercase else texts, add_special_tokens=True,
+                                   max_length=limit)
+        ids, mask = pad_batch([row or [tok.padding_id] for row in encoded], tok.padding_id)
+        return sentence_embeddings(self.model.eval(), ids, mask, how.pooling, how.normalize)
 
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -231,7 +240,7 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         cast_weights(model, float_dtype(dtype) if isinstance(dtype, str) else dtype)
     model = model.to(device).eval()
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
-    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder))
+    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder), read_sentence_config(folder))
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
