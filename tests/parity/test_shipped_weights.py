@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import lmforge
+from hf_tiny import hf_model
 from lmforge.checkpoint import load_model, stored_dtype
 from lmforge.errors import LmforgeError
 
@@ -151,6 +152,18 @@ def test_untied_config_without_an_output_layer_is_refused(make_hf, family):
     with pytest.raises(LmforgeError, match=r"tie_word_embeddings=false, but the weights have no lm_head\.weight") as e:
         load_model(path)
     assert "\n" not in str(e.value)
+
+
+def test_base_model_without_output_layer_gives_its_hidden_states(tmp_path):
+    """LlamaModel (e.g. a decoder embedding model) stores no lm_head; lmforge reuses the embeddings as one."""
+    causal = hf_model("llama", tie_word_embeddings=False)
+    base = transformers.LlamaModel(causal.config).eval()
+    base.load_state_dict(causal.model.state_dict())
+    base.save_pretrained(tmp_path / "base")
+    ours = load_model(tmp_path / "base")[0].eval()
+    assert ours.lm_head.weight is ours.embed.weight
+    with torch.no_grad():
+        assert_close(ours.hidden_states(IDS)[-1], base(input_ids=IDS).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- unknown families
