@@ -11,6 +11,9 @@ The only place in lmforge that knows family names and Hugging Face parameter nam
   weights as in x out) and `split3` / `split3_t` (GPT-2's fused q/k/v projection).
 - Loading names every missing, unexpected and mis-shaped tensor; tensors that are buffers in
   some checkpoints (`attn.bias`, `rotary_emb.inv_freq`, `position_ids`) are ignored.
+- The output layer is tied to the embeddings as transformers 5 ties it when loading, which is not
+  always what `tie_word_embeddings` says (`_tie_as_stored`). Weights load into a float32 model;
+  `lmforge.load(dtype=...)` casts afterwards.
 """
 
 from __future__ import annotations
