@@ -1,9 +1,14 @@
-"""Tiny random Hugging Face models, one per family (shared by the parity and engine tests)."""
+"""Tiny random Hugging Face models, one per family, and a WordPiece tokenizer (shared by the parity, engine and
+classification tests)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers, processors
+
+from lmforge.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,3 +65,15 @@ def save(model, path):
     return path
 
 
+def save_wordpiece(folder, words: list[str]) -> Tokenizer:
+    """A BERT-style WordPiece tokenizer over `words` ([CLS] text [SEP]), saved into `folder`."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Backend(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    names = dict(zip(["pad_token", "unk_token", "cls_token", "sep_token", "mask_token"], specials))
+    tokenizer = Tokenizer(backend, special_tokens=names)
+    tokenizer.save(folder)
+    return tokenizer

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.checkpoint import load_model, save_hf, save_native
+from lmforge.checkpoint import float_dtype, load_model, save_hf, save_native, stored_dtype
 from lmforge.checkpoint.heads import HEAD_CONFIG, load_head_model
+from lmforge.checkpoint.sentence import SentenceConfig, read_sentence_config
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token, beam_search, speculative_stream
@@ -67,6 +68,7 @@ class LM:
     tokenizer: Tokenizer | None
     path: Path | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
+    sentence: SentenceConfig = field(default_factory=SentenceConfig)  # how `embed` pools, normalises, cuts
 
     @property
     def config(self) -> ModelConfig:
@@ -200,11 +202,18 @@ class LM:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> Tensor:
-        """Mean-pooled, L2-normalised final hidden states (N, dim)."""
-        tok = self._tok()
-        encoded = [tok.encode(t, add_special_tokens=True)[: self.config.max_seq_len] or [tok.padding_id] for t in texts]
-        ids, mask = pad_batch(encoded, tok.padding_id)
-        return sentence_embeddings(self.model.eval(), ids, mask)
+        """Sentence embeddings (N, dim), computed as `SentenceTransformer(folder).encode(texts)` does when
+        the folder holds sentence-transformers files (pooling, Normalize, max_seq_length, lowercasing,
+        default prompt: see `checkpoint/sentence.py`), else mean-pooled and L2-normalised. A text is cut,
+        keeping its special tokens, to max_seq_length, else the tokenizer's model_max_length, and never
+        past the model's max_seq_len."""
+        tok, how = self._tok(), self.sentence
+        limit = min(how.max_length or tok.model_max_length or self.config.max_seq_len, self.config.max_seq_len)
+        texts = [how.prompt + t for t in texts]
+        encoded = tok.encode_batch([t.lower() for t in texts] if how.lowercase else texts, add_special_tokens=True,
+                                   max_length=limit)
+        ids, mask = pad_batch([row or [tok.padding_id] for row in encoded], tok.padding_id)
+        return sentence_embeddings(self.model.eval(), ids, mask, how.pooling, how.normalize)
 
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -256,11 +265,20 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
     return ids, mask
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LM:
+def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> LM:
     """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json).
 
     Also a classifier or reward model, a quantized folder, and a LoRA run folder that holds only
     its adapter (the base recorded in adapter_config.json is loaded and the adapter merged).
+
+    `dtype` sets the dtype of the weights:
+    - None (the default): float32, whatever the folder stores (bfloat16 and float16 checkpoints are
+      widened exactly), the dtype CPUs compute fastest and the one the parity tests check;
+    - "auto": the dtype the folder was saved in, read as transformers' `dtype="auto"` reads it
+      (config.json's `dtype`, else the stored tensors'), so a bfloat16 checkpoint keeps half the memory;
+    - a torch dtype (`torch.bfloat16`) or its name ("bfloat16", "float16", "float32").
+    Parameters and stored buffers take the dtype; buffers computed when the model is built (rotary
+    frequencies, sinusoid tables) stay float32, as in transformers, so positions keep their precision.
     """
     from lmforge.quantize import is_quantized_folder, load_quantized
     from lmforge.train.setup import adapter_base, is_adapter_only, merged_model
@@ -274,8 +292,23 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
         model = load_quantized(folder)
     else:
         model = load_model(folder)[0]
+    if dtype == "auto":
+        dtype = stored_dtype(folder)
     if dtype is not None:
-        model = model.to(dtype)
+        cast_weights(model, float_dtype(dtype) if isinstance(dtype, str) else dtype)
     model = model.to(device).eval()
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
-    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder))
+    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder), read_sentence_config(folder))
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and state-dict buffers of `model` to `dtype`, in place;
+    buffers outside the state dict (computed at build time, e.g. rotary frequencies) keep theirs."""
+    saved = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)  # .data keeps tied parameters one object
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and id(buffer) in saved:
+                setattr(module, name, buffer.to(dtype))

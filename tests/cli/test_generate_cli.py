@@ -70,6 +70,16 @@ def test_bad_path_is_one_line(args):
     assert out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
 
 
+def test_unsupported_model_type_is_one_line_listing_the_supported(tmp_path):
+    from lmforge.checkpoint.hf import FAMILIES
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    out = run("generate", str(tmp_path), "--prompt", "x")
+    assert out.returncode == 2
+    assert out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1, out.stderr
+    assert "'t5'" in out.stderr and all(name in out.stderr for name in FAMILIES)
+
+
 def test_doctor_says_whether_the_native_kernel_runs():
     out = run("doctor")
     assert out.returncode == 0 and "native decode kernels: " in out.stdout

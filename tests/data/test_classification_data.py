@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from lmforge.data.classification import (
@@ -85,3 +87,28 @@ def test_encoding_truncates_and_collates(tiny_tokenizer, jsonl):
     assert max(len(ids) for ids, _ in data.train) == 16
     batch = collate_classification(data.train[:3], pad_id=tiny_tokenizer.pad_id)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].shape == (3,)
+
+
+def test_bert_batches_are_as_wide_as_their_longest_text(tmp_path, jsonl):
+    """A sentence-embedding tokenizer.json pads every text to 128; a classify batch is padded to its longest row."""
+    import tokenizers
+
+    from lmforge.data.rows import RowLoader
+    from lmforge.tokenizer import Tokenizer
+
+    hf_tiny = pytest.importorskip("hf_tiny")
+    words = ["good", "bad", "film", "plot", "the", "a"]
+    hf_tiny.save_wordpiece(tmp_path, words)
+    backend = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    backend.enable_truncation(max_length=128)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    rows = [{"text": " ".join(words[: 1 + i % 6]), "label": i % 2} for i in range(12)]
+    data = load_classification_data(ClassifyDataConfig(train=str(jsonl("t.jsonl", rows)), eval_fraction=0.0),
+                                    tokenizer, 64, 0)
+    loader = RowLoader(data.train, partial(collate_classification, pad_id=tokenizer.padding_id), 4, seed=0)
+    for _ in range(3):
+        batch = loader.next_batch()
+        lengths = batch["attention_mask"].sum(1)
+        assert batch["input_ids"].shape[1] == int(lengths.max()) <= 8  # [CLS] + at most 6 words + [SEP]

@@ -39,6 +39,15 @@ def test_fixed_padding_and_truncation_do_not_leak_into_encode(padded_dir: Path, 
     assert_same_encoding(*hf_pair(tmp_path), [SENTENCE, LONG])
 
 
+def test_encode_batch_max_length_cuts_like_transformers_truncation(padded_dir: Path) -> None:
+    """Cut from the right so that text and special tokens fit, [SEP] kept (what sentence-transformers does)."""
+    ours, theirs = hf_pair(padded_dir)
+    for length in (5, 40):
+        want = theirs([SENTENCE, LONG], truncation=True, max_length=length)["input_ids"]
+        assert ours.encode_batch([SENTENCE, LONG], add_special_tokens=True, max_length=length) == want
+        assert ours.encode_batch([LONG], max_length=length) == [ours.encode(LONG)[:length]]
+
+
 # ----- add_bos_token / add_eos_token ----------------------------------------------------------
 
 

@@ -7,13 +7,10 @@ import json
 import random
 
 import pytest
-from tokenizers import Tokenizer as Backend
-from tokenizers import models, pre_tokenizers, processors
 
 import lmforge
 from lmforge.cli import main
 from lmforge.evaluate.classification import predict
-from lmforge.tokenizer import Tokenizer
 from lmforge.train.finetune import run_classify
 
 POSITIVE, NEGATIVE = ["good", "great", "superb", "lovely"], ["bad", "awful", "boring", "ugly"]
@@ -57,25 +54,11 @@ def test_decoder_classifier_learns_a_separable_task(recipe, tiny_lm_dir, tmp_pat
     assert set(got[0].probabilities) == {"neg", "pos"} and got[0].probability > 0.5
 
 
-def save_wordpiece(folder, words: list[str]) -> Tokenizer:
-    """A BERT-style WordPiece tokenizer over `words` ([CLS] text [SEP]), saved into `folder`."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    backend = Backend(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    names = dict(zip(["pad_token", "unk_token", "cls_token", "sep_token", "mask_token"], specials))
-    tokenizer = Tokenizer(backend, special_tokens=names)
-    tokenizer.save(folder)
-    return tokenizer
-
-
 def test_bert_from_a_hugging_face_folder_with_lora_and_predict_cli(recipe, tmp_path, cli):
     hf_tiny = pytest.importorskip("hf_tiny")
     base = tmp_path / "bert"
     hf_tiny.save(hf_tiny.hf_model("bert"), base)  # BertModel: encoder + [CLS] pooler, as downloaded checkpoints are
-    save_wordpiece(base, POSITIVE + NEGATIVE + FILLER)
+    hf_tiny.save_wordpiece(base, POSITIVE + NEGATIVE + FILLER)
     data = tmp_path / "sst.tsv"
     data.write_text("label\tsentence\n" + "".join(f"{y}\t{t}\n" for t, y in reviews(160, seed=1)))
     run = tmp_path / "run"

@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from lmforge.checkpoint.hf import is_hf_folder, load_hf, save_hf
+from lmforge.checkpoint.hf import is_hf_folder, load_hf, save_hf, weight_files
+from lmforge.checkpoint.io import first_float_dtype, read_json
 from lmforge.checkpoint.native import is_native_folder, load_native, save_native
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -26,4 +28,27 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     raise LmforgeError(f"{folder}/config.json is neither an lmforge config nor a Hugging Face one (no model_type)")
 
 
-__all__ = ["load_hf", "load_model", "load_native", "save_hf", "save_native"]
+def float_dtype(name: str, source: str = "dtype") -> torch.dtype:
+    """torch's floating-point dtype called `name` ("bfloat16", "float16", "float32", ...)."""
+    dtype = getattr(torch, name, None) if not name.startswith("_") else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LmforgeError(f"{source} {name!r} is not a floating-point dtype; use 'bfloat16', 'float16' or 'float32'")
+    return dtype
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype a model folder was saved in, as transformers' `dtype="auto"` reads it: config.json's
+    `dtype` (transformers 4 wrote `torch_dtype`), else the dtype of the first floating-point tensor
+    of the weights; float32 when neither says."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str) and named != "auto":
+        return float_dtype(named, f"{folder / 'config.json'} has the dtype")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return torch.float32
+    found = (first_float_dtype(path) for path in weight_files(folder))
+    return next((d for d in found if d is not None), torch.float32)
+
+
+__all__ = ["float_dtype", "load_hf", "load_model", "load_native", "save_hf", "save_native", "stored_dtype"]

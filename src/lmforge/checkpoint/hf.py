@@ -16,13 +16,16 @@ The only place in lmforge that knows family names and Hugging Face parameter nam
   family in `SAVED_AS` that can.
 - Loading names every missing, unexpected and mis-shaped tensor; tensors that are buffers in
   some checkpoints (`attn.bias`, `rotary_emb.inv_freq`, `position_ids`) are ignored.
+- The output layer is tied to the embeddings as transformers 5 ties it when loading, which is not
+  always what `tie_word_embeddings` says (`_tie_as_stored`). Weights load into a float32 model;
+  `lmforge.load(dtype=...)` casts afterwards.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +174,16 @@ BERT_RULES = _rules(
     ("head.lm_head.bias", "^cls.predictions.bias"),
 )
 
+# Our names of the two matrices `tie_word_embeddings` shares (the output projection of an LM or MLM head).
+EMBEDDING, OUTPUTS = "embed.weight", ("lm_head.weight", "head.lm_head.weight")
+# (name the rules read, name transformers computes with): when a checkpoint stores both, the second is
+# read. BERT's forward adds `cls.predictions.decoder.bias`, tied to `cls.predictions.bias` only when equal.
+COMPUTED_COPIES = (("cls.predictions.bias", "cls.predictions.decoder.bias"),)
+
 IGNORED = (
     r".*\.attn\.(masked_)?bias$",  # GPT-2's causal-mask buffers in old checkpoints
     r".*rotary_emb\.inv_freq$",
     r".*position_ids$",
-    r"^cls\.predictions\.decoder\.bias$",  # the same tensor as cls.predictions.bias
     r"^cls\.seq_relationship\..*",  # BERT's next-sentence head, not used
 )
 
@@ -427,7 +435,7 @@ def family_of(hf_config: dict[str, Any], source: str | Path) -> Family:
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
         raise LmforgeError(
-            f"{source} has model_type {model_type!r}, which lmforge cannot load; supported: {', '.join(FAMILIES)}"
+            f"{source} has model_type {model_type!r}, which lmforge cannot load; supported model types: {', '.join(FAMILIES)}"
         )
     return FAMILIES[model_type]
 
@@ -542,20 +550,63 @@ def load_hf_weights(folder: Path) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for path in weight_files(folder):
         tensors.update(read_tensors(path))
+    for read, computed in COMPUTED_COPIES:
+        if computed in tensors:
+            tensors[read] = tensors.pop(computed)
     return tensors
 
 
 def load_hf(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """Build the model a Hugging Face folder describes and fill it with its weights."""
+    """Build the model a Hugging Face folder describes and fill it with its weights (in float32: the
+    model is built in float32 and bfloat16 / float16 tensors are widened as they are copied in)."""
     folder = Path(folder)
     hf_config = read_json(folder / "config.json")
     config = config_from_hf(hf_config, folder / "config.json")
     family = FAMILIES[hf_config["model_type"]]
     tensors = load_hf_weights(folder)
     prefix = family.prefix if any(k.startswith(family.prefix) for k in tensors) else ""
+    headless = _first(hf_config.get("architectures")) not in (None, family.architectures[0])
+    config = _tie_as_stored(config, family, prefix, tensors, folder, headless)
     model = build_model(config)
     load_checked(unique_state(model), _convert_to_ours(model, family, prefix, tensors, folder), folder)
     return model, config
+
+
+def _tied_names(family: Family, prefix: str) -> tuple[str | None, str | None]:
+    """The Hugging Face names of the input embeddings and the output projection in this family."""
+    def theirs(ours: tuple[str, ...]) -> str | None:
+        return next((_hf_name(r.theirs, {}, prefix) for r in family.rules if r.ours[0] in ours), None)
+
+    return theirs((EMBEDDING,)), theirs(OUTPUTS)
+
+
+def _tie_as_stored(config: ModelConfig, family: Family, prefix: str, tensors: dict[str, Tensor],
+                   source: Path, headless: bool) -> ModelConfig:
+    """Tie the output projection to the embeddings as transformers 5 does when it loads the folder.
+
+    It follows config.json's `tie_word_embeddings`, except that a tied checkpoint that stores both
+    matrices with different values is loaded untied (transformers warns and keeps both), and one
+    that stores only the output matrix lends it to the embeddings (`tensors` is changed in place).
+    An untied config without an output matrix is refused (transformers would fill it at random),
+    unless the architecture is a base model without one (`headless`: LlamaModel, GPT2Model): lmforge's
+    decoder always has an output layer, so it reuses the embeddings (hidden states are exact).
+    """
+    embed, output = _tied_names(family, prefix)
+    has_embed, has_output = embed in tensors, output in tensors
+    if config.tie_embeddings and has_embed and has_output and not torch.equal(tensors[embed], tensors[output]):
+        return replace(config, tie_embeddings=False)
+    if config.tie_embeddings and has_output and not has_embed:
+        tensors[embed] = tensors.pop(output)
+    has_head = config.kind == "decoder" or config.mlm_head
+    if not config.tie_embeddings and has_head and has_embed and not has_output:
+        if headless:
+            return replace(config, tie_embeddings=True)
+        raise LmforgeError(
+            f"{source}/config.json says tie_word_embeddings=false, but the weights have no {output} "
+            "(transformers would start it from random values); if the model reuses its input embeddings "
+            "as the output layer, set tie_word_embeddings to true in config.json"
+        )
+    return config
 
 
 def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
@@ -572,8 +623,9 @@ def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dic
             if t.shape != expected[name].shape:
                 misshaped.append(f"{theirs} {tuple(tensors[theirs].shape)}")
             state[name] = t
-    ignorable = [re.compile(p) for p in IGNORED] + [re.compile(r"^lm_head\.weight$")] * bool(model.config.tie_embeddings)
-    unexpected = sorted(k for k in tensors if k not in used and not any(p.match(k) for p in ignorable))
+    tied_output = _tied_names(family, prefix)[1] if model.config.tie_embeddings else None
+    ignorable = [re.compile(p) for p in IGNORED]
+    unexpected = sorted(k for k in tensors if k not in used and k != tied_output and not any(p.match(k) for p in ignorable))
     error = mismatch(source, missing, unexpected, misshaped, "is the checkpoint complete and unmodified?")
     if error is not None:
         raise error

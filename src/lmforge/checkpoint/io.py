@@ -11,7 +11,8 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,30 +69,43 @@ def write_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dic
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
 
 
+@contextmanager
+def _opened(path: str | Path) -> Iterator[Any]:
+    """A safetensors file open for reading; a damaged file becomes one line naming it and the fix."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LmforgeError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "it may be truncated: copy or save it again"
+        ) from None
+
+
 def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, Tensor]:
     """Load tensors from a safetensors file (all of them, or `keys`), with a clear error if it is damaged."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LmforgeError(
-            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-            "it may be truncated: copy or save it again"
-        ) from None
+    with _opened(path) as f:
+        return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
 
 
 def tensor_names(path: str | Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LmforgeError(
-            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-            "it may be truncated: copy or save it again"
-        ) from None
+    with _opened(path) as f:
+        return list(f.keys())
+
+
+# safetensors' codes of floating-point dtypes
+_FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def first_float_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of a safetensors file (read from its header), or None."""
+    with _opened(path) as f:
+        names = f.keys()
+        codes = (f.get_slice(k).get_dtype() for k in names)
+        return next((_FLOAT_CODES[c] for c in codes if c in _FLOAT_CODES), None)
 
 
 def unique_state(model: nn.Module) -> dict[str, Tensor]:

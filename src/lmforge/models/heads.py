@@ -7,7 +7,8 @@ Design choices:
 - Pooling is chosen when the head is built, never in `forward`: decoders default to the last
   non-pad token (the only one that has seen the whole sequence), encoders to BERT's [CLS]
   pooler when they have one, else the mean over non-pad tokens. `pool_hidden` is the one
-  implementation, also used for sentence embeddings (mean-pooled, L2-normalised).
+  implementation, also used for sentence embeddings (mean-pooled and L2-normalised unless a
+  sentence-transformers folder says otherwise).
 - "Last non-pad" is the last position whose mask is 1, so left- and right-padded batches both
   work. Positions are counted from the mask (pads do not advance them), so a padded row gets
   the same score as the row alone, whatever the padding side.
@@ -72,10 +73,11 @@ def final_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     return backbone.hidden_states(input_ids, attention_mask=attention_mask, **kwargs)[-1]
 
 
-def sentence_embeddings(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Mean-pooled, L2-normalised final hidden states (B, dim): what `lm.embed` returns."""
-    hidden = final_hidden(backbone, input_ids, attention_mask)
-    return F.normalize(pool_hidden(hidden, attention_mask, "mean"), dim=-1)
+def sentence_embeddings(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                        pooling: str = "mean", normalize: bool = True) -> Tensor:
+    """Pooled (by default mean-pooled) and L2-normalised final hidden states (B, dim): what `lm.embed` returns."""
+    pooled = pool_hidden(final_hidden(backbone, input_ids, attention_mask), attention_mask, pooling)  # (B, dim)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
 def default_pooling(config: ModelConfig) -> str:

@@ -188,10 +188,19 @@ class Tokenizer:
         """Token ids of `text`; the post-processor's special tokens only when asked."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Token ids of several texts, encoded in parallel by the backend."""
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [encoding.ids for encoding in encodings]
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False,
+                     max_length: int | None = None) -> list[list[int]]:
+        """Token ids of several texts, encoded in parallel by the backend. With `max_length`, each text
+        is cut from the right so that it fits with its special tokens (transformers' `truncation=True`)."""
+        if max_length is None:
+            encodings = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            return [encoding.ids for encoding in encodings]
+        room = max_length - (self._backend.num_special_tokens_to_add(False) if add_special_tokens else 0)
+        out = []
+        for encoding in self._backend.encode_batch(list(texts), add_special_tokens=False):
+            encoding.truncate(max(room, 0))
+            out.append(self._backend.post_process(encoding, add_special_tokens=add_special_tokens).ids)
+        return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids (any sequence of ints: a list, a tensor's tolist(), numpy ints)."""
