@@ -6,7 +6,8 @@ checkout's `src/` first on PYTHONPATH) and ends its output with one `key=value .
 line, the exact command, the wall time, the date and the git commit become its row. A script
 that fails leaves its exit code and last stderr line in its row, and the others still run. A
 script whose data is missing (under ../shared/data) is skipped, with the reason in its row. The
-table is rewritten after every script, so an interrupted run keeps what it measured.
+table is rewritten after every script, so an interrupted run keeps what it measured (its
+header then names only the rows it reached).
 
     python benchmarks/run_all.py                        # everything, each script's default settings
     python benchmarks/run_all.py --only decode,dpo      # rerun these rows; the others keep theirs
@@ -140,6 +141,7 @@ def git_commit(root: Path) -> str:
 def environment(root: Path) -> dict[str, str]:
     """What the header of RESULTS.md says about the run: machine, software, checkout."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     return {
         "date": now(),
         "machine": f"{cpu_model()}, {cores} cores, {ram_gib()} RAM",
@@ -148,6 +150,7 @@ def environment(root: Path) -> dict[str, str]:
         "torch": package_version("torch"),
         "transformers": package_version("transformers"),
         "commit": git_commit(root),
+        "load average at the start (1, 5, 15 min)": load,  # above the core count, other jobs shared the CPUs
     }
 
 
@@ -291,10 +294,10 @@ def select(benchmarks: Sequence[Benchmark], names: str | None) -> list[Benchmark
     return [b for b in benchmarks if b.name in wanted]
 
 
-def describe(benchmarks: Sequence[Benchmark], chosen: Sequence[Benchmark], quick: Collection[str]) -> str:
-    """What a run covered, for the header: "all rows" or "only a, b", and which ran with --quick."""
-    ran = "all rows" if len(chosen) == len(benchmarks) else "only " + ", ".join(b.name for b in chosen)
-    quick_names = [b.name for b in chosen if b.name in quick and b.quick_args]
+def describe(benchmarks: Sequence[Benchmark], done: Sequence[Benchmark], quick: Collection[str]) -> str:
+    """What a run has covered so far, for the header: "all rows" or "only a, b", and which ran with --quick."""
+    ran = "all rows" if len(done) == len(benchmarks) else "only " + ", ".join(b.name for b in done)
+    quick_names = [b.name for b in done if b.name in quick and b.quick_args]
     return ran + (f"; --quick for {', '.join(quick_names)}" if quick_names else "")
 
 
@@ -303,17 +306,17 @@ def run_all(benchmarks: Sequence[Benchmark], chosen: Sequence[Benchmark], root: 
             report: Callable[[str], None] = say) -> list[Row]:
     """Run `chosen` one after another (those named in `quick` with their --quick settings), merging
     each row into `results` as soon as it is measured. Returns the new rows."""
-    env, ran = environment(root), describe(benchmarks, chosen, quick)
+    env = environment(root)
     rows = parse(results.read_text()) if results.is_file() else []
     new = []
-    for bench in chosen:
+    for i, bench in enumerate(chosen):
         fast = bench.name in quick
         report(f"{bench.name}: {' '.join(bench.command(fast))}")
         row = run_one(bench, root, fast, env["commit"], logs, timeout)
         report(f"{bench.name}: {row.status}, {row.wall_s or 0:.0f} s {cells(row)[2]}")
         new.append(row)
         rows = merge(rows, [row], [b.name for b in benchmarks])
-        write_results(results, rows, env, ran)
+        write_results(results, rows, env, describe(benchmarks, chosen[: i + 1], quick))
     return new
 
 
