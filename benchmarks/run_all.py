@@ -48,13 +48,28 @@ class Benchmark:
 
     name: str
     script: str  # path from the repository root
-    args: tuple[str, ...] = ()  # always passed
-    quick_args: tuple[str, ...] = ()  # added by --quick: the script's own options for a shorter, still honest run
+    args: tuple[str, ...] = ()  # the default settings
+    quick_args: tuple[str, ...] = ()  # --quick: the script's own options for a shorter, still honest run;
+    #                                   they replace the same options in `args`
     needs: str | None = None  # a path from the repository root; without it the row is skipped
 
     def command(self, quick: bool) -> list[str]:
         """The command as a user types it from the repository root."""
-        return ["python", self.script, *self.args, *(self.quick_args if quick else ())]
+        if not quick:
+            return ["python", self.script, *self.args]
+        return ["python", self.script, *without_options(self.args, set(self.quick_args)), *self.quick_args]
+
+
+def without_options(args: Sequence[str], drop: set[str]) -> list[str]:
+    """`args` less the `--options` in `drop` and the values that follow each."""
+    kept: list[str] = []
+    dropping = False
+    for word in args:
+        if word.startswith("--"):
+            dropping = word in drop
+        if not dropping:
+            kept.append(word)
+    return kept
 
 
 BENCHMARKS = (
@@ -332,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select(BENCHMARKS, args.only)
     if args.list:
         for bench in chosen:
-            quick = f"   (--quick adds {' '.join(bench.quick_args)})" if bench.quick_args else ""
-            print(f"{bench.name:17s} {' '.join(bench.command(False))}{quick}")
+            print(f"{bench.name:17s} {' '.join(bench.command(False))}")
+            if bench.quick_args:
+                print(f"{'  --quick':17s} {' '.join(bench.command(True))}")
         return 0
     quick = {b.name for b in select(BENCHMARKS, args.quick or None)} if args.quick is not None else set()
     rows = run_all(BENCHMARKS, chosen, ROOT, args.results, quick, timeout=args.timeout)

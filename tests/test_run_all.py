@@ -49,6 +49,12 @@ def test_last_figures_takes_the_last_key_value_line(run_all):
     assert run_all.last_figures("no figures here\n") is None
 
 
+def test_quick_settings_replace_the_default_ones(run_all):
+    bench = run_all.Benchmark("b", "b.py", ("--data", "x", "--repeats", "5", "--v"), ("--repeats", "1"))
+    assert bench.command(False) == ["python", "b.py", "--data", "x", "--repeats", "5", "--v"]
+    assert bench.command(True) == ["python", "b.py", "--data", "x", "--v", "--repeats", "1"]
+
+
 def test_table_parses_back(run_all):
     rows = [run_all.Row("a", "python a.py --x 1", {"ratio": "1.42", "margin": "-0.058"}, 12.4, "default", "ok",
                         "2024-01-01 10:00 UTC", "abc1234"),
