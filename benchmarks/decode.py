@@ -16,7 +16,9 @@ figures measure the machinery (k draft steps plus one target pass over k + 1 tok
 one target step per token) at that acceptance rate; a trained pair's acceptance depends on
 the models and the text. The output is checked to be the plain greedy output, token for token.
 
-    python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B (GPT-2, batch 1)
+    python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B lmforge_of_bound=F
+                                           # hf_of_bound=G (GPT-2, batch 1), then ratio_gpt2_b8=...
+                                           # ratio_smollm_b1=... ratio_smollm_b8=... (lmforge / transformers),
                                            # spec_speedup=S spec_acceptance=P spec_tok_s=C greedy_tok_s=G
     LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode kernels (oneDNN, PyTorch attention)
 """
@@ -123,7 +125,7 @@ def main() -> None:
     torch.manual_seed(0)
     print("decode kernels:", "native" if kernels.native() else "oneDNN and PyTorch attention (no native kernels)")
     big = torch.randn(16384, 16384)
-    first = None
+    figures: dict[str, str] = {}  # the last line: GPT-2 batch 1 in full, then the ratio of every other case
     spec: dict[str, str] = {}
     for shape in ("gpt2", "smollm-135m"):
         hf = hf_model(shape)
@@ -146,10 +148,13 @@ def main() -> None:
             bound = bandwidth / weight_bytes * batch  # tokens/s if each step only read the weights once
             print(f"{shape:12s} batch {batch} ({bandwidth / 1e9:.1f} GB/s): lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
                   f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
-            if first is None:
-                first = (ours_tok_s / hf_tok_s, ours_tok_s, hf_tok_s)
-    print(f"ratio={first[0]:.2f} lmforge_tok_s={first[1]:.1f} hf_tok_s={first[2]:.1f} "
-          + " ".join(f"{key}={value}" for key, value in spec.items()))
+            if not figures:
+                figures.update(ratio=f"{ours_tok_s / hf_tok_s:.2f}", lmforge_tok_s=f"{ours_tok_s:.1f}",
+                               hf_tok_s=f"{hf_tok_s:.1f}", lmforge_of_bound=f"{ours_tok_s / bound:.2f}",
+                               hf_of_bound=f"{hf_tok_s / bound:.2f}")
+            else:
+                figures[f"ratio_{shape.split('-')[0]}_b{batch}"] = f"{ours_tok_s / hf_tok_s:.2f}"
+    print(" ".join(f"{key}={value}" for key, value in {**figures, **spec}.items()))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ def main() -> None:
     final = result.train.final_eval or {}
     print(f"      DPO implicit reward on held-out pairs: accuracy {final.get('eval_accuracy', float('nan')):.3f}, "
           f"margin {final.get('eval_margin', float('nan')):+.3f}; done in {time.monotonic() - start:.0f} s")
+    print(f"pref_accuracy_before={before[0]:.3f} pref_accuracy_after={after[0]:.3f} "
+          f"margin_before={before[1]:+.3f} margin_after={after[1]:+.3f} "
+          f"polite_before={before[2]:.3f} polite_after={after[2]:.3f}")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def main() -> None:
     print(f"      sampled, training prompts (T=1, 4 each): {before[0]:.3f} -> {after[0]:.3f}")
     print(f"      greedy, 20 held-out prompts:            {before[1]:.3f} -> {after[1]:.3f}")
     print(f"      reward curve: {args.out / 'grpo' / 'reward.png'}; done in {time.monotonic() - start:.0f} s")
+    print(f"reward_before={before[0]:.3f} reward_after={after[0]:.3f} "
+          f"greedy_held_out_before={before[1]:.3f} greedy_held_out_after={after[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def main() -> None:
     model, tokenizer = classifier.model, classifier.tokenizer
     for text, p in zip(EXAMPLES, predict(model, tokenizer, EXAMPLES)):
         print(f"  {p.label} ({p.probability:.2f})  {text}")
+    print(f"accuracy_before={before:.3f} accuracy_after={report.accuracy:.3f} macro_f1_after={report.macro_f1:.3f}")
 
 
 if __name__ == "__main__":

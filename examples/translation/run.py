@@ -118,6 +118,7 @@ def main() -> None:
         print(f"  {en!r} -> {fr!r}   (references: {test[en][:2]})")
     print(f"BLEU on {len(test)} held-out sentences: before {before:.1f}, after {after:.1f} "
           f"({time.monotonic() - start:.0f} s in all)")
+    print(f"bleu_before={before:.1f} bleu_after={after:.1f}")
 
 
 if __name__ == "__main__":
