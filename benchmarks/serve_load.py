@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,20 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The `data:` payloads of a server-sent event stream, cut at "\n" only.
+
+    httpx's `aiter_lines` also cuts at U+0085, U+2028 and U+2029, which a JSON string may hold
+    unescaped (a sampled token can be one), so it would split a chunk in two.
+    """
+    buffer = ""
+    async for text in response.aiter_text():
+        *lines, buffer = (buffer + text).split("\n")
+        for line in lines:
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield line[6:]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, level: Level) -> None:
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -112,10 +127,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 await response.aread()
                 level.errors += 1
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for data in sse_data(response):
+                chunk = json.loads(data)
                 if chunk.get("usage"):
                     level.tokens += chunk["usage"]["completion_tokens"]
                 if not chunk.get("choices"):
