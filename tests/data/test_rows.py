@@ -42,6 +42,9 @@ def test_loader_state_survives_json_and_the_order_is_epochwise_permutations():
     resumed = RowLoader(list(range(7)), lambda rows: {"x": torch.tensor(rows)}, batch_size=3, seed=0)
     resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert resumed.next_batch()["x"].tolist() == loader.next_batch()["x"].tolist() == order.span(3, 3)
+    old = {"seed": 5, "batches_drawn": 2, "n_pairs": 7, "global_batch_size": 3}  # a preference run of release 0.1
+    resumed.load_state_dict(old)
+    assert resumed.next_batch()["x"].tolist() == order.span(6, 3)
 
 
 def test_holdout_is_seeded_and_disjoint():

@@ -126,7 +126,7 @@ class RowLoader(Generic[Item]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the data and global batch size must be those it was saved with."""
-        saved = (state.get("n_items"), state.get("global_batch_size"))
+        saved = (state.get("n_items", state.get("n_pairs")), state.get("global_batch_size"))  # n_pairs: 0.1's PairLoader
         current = (len(self.items), self.batch_size * self.world_size)
         if saved != current:
             raise LmforgeError(
