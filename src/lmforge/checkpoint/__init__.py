@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.checkpoint.hf import is_hf_folder, load_hf, save_hf, weight_files
-from lmforge.checkpoint.io import first_float_dtype, read_json
+from lmforge.checkpoint.hf import is_hf_folder, load_hf, save_hf
+from lmforge.checkpoint.io import first_float_dtype, read_json, weight_files
 from lmforge.checkpoint.native import is_native_folder, load_native, save_native
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError

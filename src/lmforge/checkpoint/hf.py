@@ -7,10 +7,8 @@ The only place in lmforge that knows family names and Hugging Face parameter nam
   task-head checkpoints (`model.`, `transformer.`, `bert.`), and rules
   `(our names, their name, transform)`. `{i}` stands for a layer, `{e}` for an expert; a
   name starting with `^` is outside the prefix (e.g. `lm_head.weight`).
-- Transforms are named pairs (load, save): `copy`, `transpose` (GPT-2's Conv1D stores
-  weights as in x out), and `split` / `split_t` for fused projections (GPT-2's q/k/v, Phi-3's
-  q/k/v and gate/up), cut into pieces the sizes of our tensors, so grouped-query attention's
-  smaller k/v need no extra data; saving concatenates them again.
+- Rules and transforms are `checkpoint/rules.py`'s small vocabulary: `copy`, `transpose` (GPT-2's
+  Conv1D), `split` / `split_t` for fused projections (GPT-2's q/k/v, Phi-3's q/k/v and gate/up).
 - A loaded model remembers its family (`config.extra["hf_model_type"]`); `save_hf` writes that
   family again when it can hold the model (a Phi-3 keeps its fused projections), else the first
   family in `SAVED_AS` that can.
@@ -39,47 +37,18 @@ from lmforge.checkpoint.io import (
     read_tensors,
     tensor_names,
     unique_state,
+    weight_files,
     write_json,
     write_tensors,
 )
+from lmforge.checkpoint.rules import TRANSFORMS, Rule, hf_name, mapping, rules
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 
-# ---------------------------------------------------------------- transforms
-
-# load: (their tensor, first-dim sizes of our tensors) -> our tensors; save: our tensors -> theirs
-Transform = tuple[Callable[[Tensor, tuple[int, ...]], tuple[Tensor, ...]], Callable[[tuple[Tensor, ...]], Tensor]]
-
-
-def _split(t: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """Rows cut into pieces of `sizes`; a tensor with another row count is passed on whole, so the
-    shape check names it instead of failing inside torch."""
-    return t.split(sizes, dim=0) if t.shape[0] == sum(sizes) else (t,) * len(sizes)
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "copy": (lambda t, sizes: (t,), lambda ts: ts[0]),
-    "transpose": (lambda t, sizes: (t.t(),), lambda ts: ts[0].t()),
-    "split": (_split, lambda ts: torch.cat(ts, dim=0)),
-    "split_t": (lambda t, sizes: _split(t.t(), sizes), lambda ts: torch.cat(ts, dim=0).t()),
-}
-
-
-@dataclass(frozen=True)
-class Rule:
-    ours: tuple[str, ...]  # lmforge names, e.g. ("layers.{i}.attn.q.weight",)
-    theirs: str  # Hugging Face name relative to the family prefix ("^" = absolute)
-    transform: str = "copy"
-
-
-def _rules(*rows: tuple) -> tuple[Rule, ...]:
-    return tuple(Rule((r[0],) if isinstance(r[0], str) else r[0], *r[1:]) for r in rows)
-
-
 # ---------------------------------------------------------------- per-family tables
 
-GPT2_RULES = _rules(
+GPT2_RULES = rules(
     ("embed.weight", "wte.weight"),
     ("positions.weight", "wpe.weight"),
     ("layers.{i}.attn_norm.weight", "h.{i}.ln_1.weight"),
@@ -99,7 +68,7 @@ GPT2_RULES = _rules(
     ("lm_head.weight", "^lm_head.weight"),
 )
 
-_ROTARY_COMMON = _rules(  # every LLaMA-style family: embeddings, norms, output head
+_ROTARY_COMMON = rules(  # every LLaMA-style family: embeddings, norms, output head
     ("embed.weight", "embed_tokens.weight"),
     ("layers.{i}.attn_norm.weight", "layers.{i}.input_layernorm.weight"),
     ("layers.{i}.mlp_norm.weight", "layers.{i}.post_attention_layernorm.weight"),
@@ -109,7 +78,7 @@ _ROTARY_COMMON = _rules(  # every LLaMA-style family: embeddings, norms, output 
 
 LLAMA_RULES = (  # also Qwen2 (q/k/v biases) and Gemma (the same names)
     *_ROTARY_COMMON,
-    *_rules(
+    *rules(
         *[(f"layers.{{i}}.attn.{p}.{w}", f"layers.{{i}}.self_attn.{p}_proj.{w}") for p in "qkvo" for w in ("weight", "bias")],
         *[(f"layers.{{i}}.mlp.{p}.{w}", f"layers.{{i}}.mlp.{p}_proj.{w}") for p in ("gate", "up", "down") for w in ("weight", "bias")],
     ),
@@ -117,7 +86,7 @@ LLAMA_RULES = (  # also Qwen2 (q/k/v biases) and Gemma (the same names)
 
 QWEN3_RULES = (
     *LLAMA_RULES,
-    *_rules(
+    *rules(
         ("layers.{i}.attn.q_norm.weight", "layers.{i}.self_attn.q_norm.weight"),
         ("layers.{i}.attn.k_norm.weight", "layers.{i}.self_attn.k_norm.weight"),
     ),
@@ -125,7 +94,7 @@ QWEN3_RULES = (
 
 PHI3_RULES = (  # fused projections, cut at our q/k/v and gate/up sizes
     *_ROTARY_COMMON,
-    *_rules(
+    *rules(
         (("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight", "layers.{i}.attn.v.weight"), "layers.{i}.self_attn.qkv_proj.weight", "split"),
         ("layers.{i}.attn.o.weight", "layers.{i}.self_attn.o_proj.weight"),
         (("layers.{i}.mlp.gate.weight", "layers.{i}.mlp.up.weight"), "layers.{i}.mlp.gate_up_proj.weight", "split"),
@@ -135,7 +104,7 @@ PHI3_RULES = (  # fused projections, cut at our q/k/v and gate/up sizes
 
 MIXTRAL_RULES = (
     *LLAMA_RULES,
-    *_rules(
+    *rules(
         ("layers.{i}.mlp.router.weight", "layers.{i}.block_sparse_moe.gate.weight"),
         ("layers.{i}.mlp.experts.{e}.gate.weight", "layers.{i}.block_sparse_moe.experts.{e}.w1.weight"),
         ("layers.{i}.mlp.experts.{e}.down.weight", "layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
@@ -144,7 +113,7 @@ MIXTRAL_RULES = (
 )
 
 _BERT_LAYER = "encoder.layer.{i}."
-BERT_RULES = _rules(
+BERT_RULES = rules(
     ("embed.weight", "embeddings.word_embeddings.weight"),
     ("positions.weight", "embeddings.position_embeddings.weight"),
     ("type_embed.weight", "embeddings.token_type_embeddings.weight"),
@@ -493,57 +462,7 @@ def family_for(config: ModelConfig) -> Family:
     )
 
 
-# ---------------------------------------------------------------- name mapping
-
-
-def _pattern(template: str) -> re.Pattern[str]:
-    escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile(f"^{escaped}$")
-
-
-def _hf_name(template: str, groups: dict[str, str], prefix: str) -> str:
-    name = template.format(**groups)
-    return name[1:] if name.startswith("^") else prefix + name
-
-
-def mapping(model: nn.Module, family: Family, prefix: str) -> list[tuple[tuple[str, ...], str, str]]:
-    """(our names, their name, transform) for every unique tensor of `model`."""
-    ours = unique_state(model)
-    out, covered = [], set()
-    for rule in family.rules:
-        first = _pattern(rule.ours[0])
-        for name in ours:
-            m = first.match(name)
-            if m is None:
-                continue
-            group = tuple(t.format(**m.groupdict()) for t in rule.ours)
-            out.append((group, _hf_name(rule.theirs, m.groupdict(), prefix), rule.transform))
-            covered.update(group)
-    uncovered = sorted(set(ours) - covered)
-    if uncovered:
-        raise LmforgeError(f"the {family.model_type} format has no place for {uncovered[:5]}; save in lmforge format")
-    return out
-
-
 # ---------------------------------------------------------------- load / save
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """model.safetensors, or the shards a model.safetensors.index.json lists."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing or not shards:
-            raise LmforgeError(f"{index} lists shards that are not in {folder}: {missing or 'none listed'}")
-        return [folder / s for s in shards]
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise LmforgeError(
-            f"{folder} has only pickle weights (*.bin / *.pt), which lmforge never loads; convert them to safetensors"
-        )
-    raise LmforgeError(f"{folder} has no model.safetensors or model.safetensors.index.json; is the download complete?")
 
 
 def load_hf_weights(folder: Path) -> dict[str, Tensor]:
@@ -575,7 +494,7 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, ModelConfig]:
 def _tied_names(family: Family, prefix: str) -> tuple[str | None, str | None]:
     """The Hugging Face names of the input embeddings and the output projection in this family."""
     def theirs(ours: tuple[str, ...]) -> str | None:
-        return next((_hf_name(r.theirs, {}, prefix) for r in family.rules if r.ours[0] in ours), None)
+        return next((hf_name(r.theirs, {}, prefix) for r in family.rules if r.ours[0] in ours), None)
 
     return theirs((EMBEDDING,)), theirs(OUTPUTS)
 
@@ -613,7 +532,7 @@ def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dic
     expected = unique_state(model)
     state: dict[str, Tensor] = {}
     missing, misshaped, used = [], [], set()
-    for ours, theirs, transform in mapping(model, family, prefix):
+    for ours, theirs, transform in mapping(model, family.rules, family.model_type, prefix):
         if theirs not in tensors:
             missing.append(theirs)
             continue
@@ -635,7 +554,8 @@ def _convert_to_ours(model: nn.Module, family: Family, prefix: str, tensors: dic
 def hf_state(model: nn.Module, family: Family, prefix: str) -> dict[str, Tensor]:
     """The model's weights under Hugging Face names."""
     ours = unique_state(model)
-    return {theirs: TRANSFORMS[t][1](tuple(ours[n] for n in names)) for names, theirs, t in mapping(model, family, prefix)}
+    return {theirs: TRANSFORMS[t][1](tuple(ours[n] for n in names))
+            for names, theirs, t in mapping(model, family.rules, family.model_type, prefix)}
 
 
 def save_hf(model: nn.Module, folder: str | Path) -> None:

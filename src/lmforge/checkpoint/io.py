@@ -159,3 +159,21 @@ def load_checked(params: Mapping[str, Tensor], tensors: Mapping[str, Tensor], so
 def _names(items: list[str], limit: int = 5) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json lists."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing or not shards:
+            raise LmforgeError(f"{index} lists shards that are not in {folder}: {missing or 'none listed'}")
+        return [folder / s for s in shards]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise LmforgeError(
+            f"{folder} has only pickle weights (*.bin / *.pt), which lmforge never loads; convert them to safetensors"
+        )
+    raise LmforgeError(f"{folder} has no model.safetensors or model.safetensors.index.json; is the download complete?")
