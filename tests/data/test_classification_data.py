@@ -112,3 +112,19 @@ def test_bert_batches_are_as_wide_as_their_longest_text(tmp_path, jsonl):
         batch = loader.next_batch()
         lengths = batch["attention_mask"].sum(1)
         assert batch["input_ids"].shape[1] == int(lengths.max()) <= 8  # [CLS] + at most 6 words + [SEP]
+
+
+def test_a_cut_text_keeps_its_closing_special_token(tmp_path):
+    """Truncation drops words, not [SEP]: the ids equal transformers' `truncation=True`."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lmforge.data.classification import encode_texts
+
+    hf_tiny = pytest.importorskip("hf_tiny")
+    words = ["good", "bad", "film", "plot", "the", "a"]
+    tokenizer = hf_tiny.save_wordpiece(tmp_path, words)
+    texts = [" ".join(words * 3), "good film"]
+    ids, cut = encode_texts(tokenizer, texts, 8)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert cut == 1 and ids == reference(texts, truncation=True, max_length=8)["input_ids"]
+    assert tokenizer.decode(ids[0][-1:]) == "[SEP]"

@@ -154,11 +154,16 @@ def label_names(rows: Sequence[LabelledText], given: Sequence[str] = ()) -> list
 
 
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text with the tokenizer's special tokens, cut to seq_len; and how many were cut."""
+    """Token ids of each text with the tokenizer's special tokens, cut to seq_len; and how many were cut.
+
+    A long text loses words from its end, never its closing special tokens (BERT's [SEP]): the
+    text is cut first and the special tokens added after, as transformers' `truncation=True` does."""
     encoded = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    long = [i for i, ids in enumerate(encoded) if len(ids) > seq_len]
+    for i, ids in zip(long, tokenizer.encode_batch([texts[i] for i in long], add_special_tokens=True, max_length=seq_len)):
+        encoded[i] = ids[:seq_len]
     fallback = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    cut = sum(len(ids) > seq_len for ids in encoded)
-    return [ids[:seq_len] or [fallback] for ids in encoded], cut
+    return [ids or [fallback] for ids in encoded], len(long)
 
 
 def encode_labelled(
