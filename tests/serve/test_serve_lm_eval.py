@@ -5,7 +5,9 @@ Both backends of lm-evaluation-harness run the same task files on the same tiny 
 (token-id prompts in batches, `echo`, `logprobs=1`, `max_tokens=1`). Every document's
 log-likelihoods must agree to 1e-4 and so must the metrics, for a multiple-choice task, a
 loglikelihood task and a rolling-loglikelihood task. `add_bos_token=True` makes local-completions
-tokenize as the hf backend does with a tokenizer that adds BOS.
+tokenize as the hf backend does with a tokenizer that adds BOS. Without a tokenizer folder,
+local-completions finds the server's /tokenizer_info and tokenizes through /tokenize (no BOS:
+the hf backend with add_bos_token=False).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ TASKS = {
 CONTEXT = 128  # the model's context; local-completions is told it as max_length
 
 
-def write_tasks(folder: Path) -> Path:
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tasks")
     data = folder / "docs.jsonl"
     data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCS), encoding="utf-8")
     for name, fields in TASKS.items():
@@ -75,11 +79,11 @@ def server_url(hf_folder: Path):
         process.wait(timeout=15)
 
 
-def evaluate(model: str, model_args: str, task_dir: Path) -> dict:
+def evaluate(model: str, model_args: str, task_dir: Path, tasks: list[str]) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), task_manager=manager,
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
                                    batch_size=4, device="cpu", log_samples=True)
 
 
@@ -89,13 +93,9 @@ def loglikelihoods(samples: list[dict]) -> dict[int, list[float]]:
             for s in samples}
 
 
-def test_local_completions_equals_hf_backend(hf_folder: Path, server_url: str, tmp_path: Path, one_thread) -> None:
-    task_dir = write_tasks(tmp_path)
-    hf = evaluate("hf", f"pretrained={hf_folder},dtype=float32", task_dir)
-    api = evaluate("local-completions", f"model=tiny-hf,base_url={server_url}/v1/completions,"
-                   f"tokenizer_backend=huggingface,tokenizer={hf_folder},max_length={CONTEXT},add_bos_token=True",
-                   task_dir)
-    for task in TASKS:
+def assert_same(hf: dict, api: dict, tasks: list[str]) -> None:
+    """Per-document log-likelihoods to 1e-4, and the metrics."""
+    for task in tasks:
         expected, served = loglikelihoods(hf["samples"][task]), loglikelihoods(api["samples"][task])
         assert sorted(served) == sorted(expected) == list(range(len(DOCS)))
         for doc_id, values in expected.items():
@@ -103,3 +103,20 @@ def test_local_completions_equals_hf_backend(hf_folder: Path, server_url: str, t
         assert all(v < 0 for values in expected.values() for v in values)  # real log-likelihoods, not placeholders
         metrics = {k: v for k, v in hf["results"][task].items() if isinstance(v, float)}
         assert metrics and {k: api["results"][task][k] for k in metrics} == pytest.approx(metrics, rel=1e-4), task
+
+
+def test_local_completions_equals_hf_backend(hf_folder: Path, server_url: str, task_dir: Path, one_thread) -> None:
+    hf = evaluate("hf", f"pretrained={hf_folder},dtype=float32", task_dir, list(TASKS))
+    api = evaluate("local-completions", f"model=tiny-hf,base_url={server_url}/v1/completions,"
+                   f"tokenizer_backend=huggingface,tokenizer={hf_folder},max_length={CONTEXT},add_bos_token=True",
+                   task_dir, list(TASKS))
+    assert_same(hf, api, list(TASKS))
+
+
+def test_remote_tokenizer_needs_no_tokenizer_folder(hf_folder: Path, server_url: str, task_dir: Path,
+                                                    one_thread) -> None:
+    tasks = ["lmf_mc"]
+    hf = evaluate("hf", f"pretrained={hf_folder},dtype=float32,add_bos_token=False", task_dir, tasks)
+    api = evaluate("local-completions", f"model=tiny-hf,base_url={server_url}/v1/completions,max_length={CONTEXT}",
+                   task_dir, tasks)
+    assert_same(hf, api, tasks)
