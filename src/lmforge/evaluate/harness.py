@@ -9,7 +9,7 @@ so a JSON written here reads like lm-eval's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,13 +101,15 @@ def shots(spec: TaskSpec, requested: int | None) -> int:
 
 def evaluate_task(scorer: Scorer, spec: TaskSpec, *, num_fewshot: int | None = None, seed: int = FEWSHOT_SEED,
                   limit: int | None = None, bootstrap_iters: int = BOOTSTRAP_ITERS, log_samples: bool = False,
-                  progress: Progress | None = None) -> TaskResult:
-    """Run one task on the model and aggregate its metrics."""
+                  progress: Callable[[str, int], Progress] | None = None) -> TaskResult:
+    """Run one task on the model and aggregate its metrics; `progress(task, n_requests)` gives the
+    callback told how many requests each model call finished."""
     k = shots(spec, num_fewshot)
     docs = build_requests(spec, load_splits(spec), k, seed, limit)
     if not docs:
         raise LmforgeError(f"{spec.where('test_split')}: the split has no documents")
-    answers = run_requests(scorer, spec, docs, progress)
+    n_requests = sum(len(d.arguments) for d in docs)
+    answers = run_requests(scorer, spec, docs, progress(spec.task, n_requests) if progress else None)
     if spec.output_type == "diversity":
         metrics: dict[str, float | str] = {f"{m},none": v for m, v in _diversity(spec, docs, answers).items()}
         filtered: dict[str, list[Any]] = {"none": [a[0] for a in answers]}
