@@ -7,9 +7,10 @@ model gives the same numbers. What differs is how the model is run:
 - **Sorted, padded batches.** Requests are sorted by length, longest first (as lm-eval), and
   each batch is one right-padded forward pass; padding never changes a causal model's earlier
   positions, so no attention mask is needed.
-- **Shared contexts are encoded once.** Requests whose inputs share everything before the scored
-  tokens (the choices of a multiple-choice question) are grouped: the shared prefix is run once
-  into a KV cache, copied to one cache row per request, and only the continuations run after it.
+- **Shared contexts are encoded once.** Requests with the same input (one-token choices of a
+  multiple-choice question) share one run. Requests whose inputs share everything before the
+  scored tokens (longer choices) are grouped: the shared prefix is run once into a KV cache, copied
+  to one cache row per input, and only the continuations run after it.
 - **Logits only where scored.** The output projection and log-softmax run on the continuation
   positions alone, not on every position of the batch (for a large vocabulary, most of the cost).
 - Generation goes through the engine (`generate/engine.py`), greedy, all requests of a task
@@ -140,14 +141,14 @@ class Scorer:
         return _Row(index, tuple(inp[: len(inp) - n]), inp[len(inp) - n:], full[-n:])
 
     def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        """Rows grouped by shared prefix, groups longest first, about `batch_size` rows per batch."""
+        """Rows grouped by shared prefix, groups longest first, about `batch_size` distinct inputs per batch."""
         groups: dict[tuple[int, ...], list[_Row]] = {}
         for row in rows:
             groups.setdefault(row.prefix, []).append(row)
         ordered = sorted(groups.values(), key=lambda g: -(len(g[0].prefix) + max(len(r.suffix) for r in g)))
         batch: list[_Row] = []
         for group in ordered:
-            if batch and len(batch) + len(group) > self.batch_size:
+            if batch and len(_inputs(batch)) + len(_inputs(group)) > self.batch_size:
                 yield batch
                 batch = []
             batch.extend(group)
@@ -155,20 +156,21 @@ class Scorer:
             yield batch
 
     def _score(self, batch: list[_Row]) -> list[tuple[float, bool]]:
-        prefixes = list(dict.fromkeys(r.prefix for r in batch))
-        shared = (len(prefixes) < len(batch) and _cache_width(prefixes, batch) <= self.max_len
+        """Each row's (log p, greedy); rows with the same input (the one-token choices of a question) share
+        one run, and inputs that differ only after a shared prefix share that prefix's run."""
+        inputs = _inputs(batch)
+        unique = [_Row(-1, prefix, list(suffix), []) for prefix, suffix in inputs]
+        prefixes = list(dict.fromkeys(u.prefix for u in unique))
+        shared = (len(prefixes) < len(unique) and _cache_width(prefixes, unique) <= self.max_len
                   and self.model.config.sliding_window is None)
-        hidden = self._shared_forward(batch, prefixes) if shared else self._plain_forward(batch)  # (R, T, dim)
+        hidden = self._shared_forward(unique, prefixes) if shared else self._plain_forward(unique)  # (U, T, dim)
         lengths = [len(r.suffix) for r in batch]
-        picked = torch.cat([h[:n] for h, n in zip(hidden, lengths)])  # (sum n, dim)
+        picked = torch.cat([hidden[inputs[(r.prefix, tuple(r.suffix))], :n] for r, n in zip(batch, lengths)])  # (sum n, dim)
         logps = self.model.lm_head(picked).float().log_softmax(-1)  # (sum n, V)
         targets = torch.tensor([t for r in batch for t in r.targets], device=self.device)
         token_lp = logps.gather(-1, targets[:, None])[:, 0]
         greedy = logps.argmax(-1) == targets
-        scores = []
-        for lp, ok in zip(token_lp.split(lengths), greedy.split(lengths)):
-            scores.append((float(lp.sum()), bool(ok.all())))
-        return scores
+        return [(float(lp.sum()), bool(ok.all())) for lp, ok in zip(token_lp.split(lengths), greedy.split(lengths))]
 
     def _plain_forward(self, batch: list[_Row]) -> Tensor:
         """Hidden states (R, T, dim) of the suffixes, each row run in full (prefix + suffix)."""
@@ -179,8 +181,8 @@ class Scorer:
 
     def _shared_forward(self, batch: list[_Row], prefixes: list[tuple[int, ...]]) -> Tensor:
         """Hidden states (R, S, dim) of the suffixes, each distinct prefix run once into a KV cache."""
-        cache = KVCache(self.model.config, len(batch), capacity=_cache_width(prefixes, batch), dtype=next(self.model.parameters()).dtype,
-                        device=self.device)
+        cache = KVCache(self.model.config, len(batch), capacity=_cache_width(prefixes, batch),
+                        dtype=next(self.model.parameters()).dtype, device=self.device)
         slot = {p: i for i, p in enumerate(prefixes)}
         if any(prefixes):
             ids = _right_padded([list(p) or [self.prefix_id] for p in prefixes], self.device)  # (G, P)
@@ -230,6 +232,11 @@ class Scorer:
                 text = text.split(stop)[0]
             out[i] = text
         return out
+
+
+def _inputs(rows: Sequence[_Row]) -> dict[tuple[tuple[int, ...], tuple[int, ...]], int]:
+    """The distinct (prefix, suffix) inputs of the rows, numbered in first-seen order."""
+    return {key: i for i, key in enumerate(dict.fromkeys((r.prefix, tuple(r.suffix)) for r in rows))}
 
 
 def _cache_width(prefixes: list[tuple[int, ...]], batch: list[_Row]) -> int:
