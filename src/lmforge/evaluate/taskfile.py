@@ -216,9 +216,7 @@ def _read(spec: TaskSpec, path: Path) -> list[Doc]:
     if spec.dataset_path == "text":
         return [{"text": line} for line in text.splitlines()]
     if spec.dataset_path == "csv":
-        delimiter = spec.dataset_kwargs.get("delimiter", spec.dataset_kwargs.get("sep", ","))
-        rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-        return _typed_columns(rows)
+        return _read_csv(spec, text)
     return _read_json(spec, path, text)
 
 
@@ -235,23 +233,40 @@ def _read_json(spec: TaskSpec, path: Path, text: str) -> list[Doc]:
                            f"({e})") from None
 
 
-def _typed_columns(rows: list[dict[str, str]]) -> list[Doc]:
-    """CSV cells typed per column as pandas (and so `datasets`) types them: int, float, bool or str."""
+def _read_csv(spec: TaskSpec, text: str) -> list[Doc]:
+    """CSV as `datasets` reads it through pandas: `delimiter`/`sep`, `column_names` (then no header row is
+    taken from the file), `skiprows`, `quoting`, `keep_default_na`; cells typed per column."""
+    kw = spec.dataset_kwargs
+    known = {"data_files", "delimiter", "sep", "column_names", "skiprows", "quoting", "keep_default_na"}
+    if unknown := sorted(set(kw) - known):
+        raise LmforgeError(f"{spec.where('dataset_kwargs')}: {', '.join(unknown)} not supported for csv "
+                           f"(supported: {', '.join(sorted(known))})")
+    lines = text.splitlines()[int(kw.get("skiprows", 0)):]
+    rows = list(csv.reader(lines, delimiter=kw.get("delimiter", kw.get("sep", ",")), quoting=int(kw.get("quoting", 0))))
+    names = kw.get("column_names") or (rows.pop(0) if rows else [])
+    missing = set() if kw.get("keep_default_na", True) is False else PANDAS_NA
+    return _typed_columns([dict(zip(names, row)) for row in rows if row], missing)
+
+
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})  # pandas' default NA strings
+
+
+def _typed_columns(rows: list[dict[str, str]], missing: frozenset[str] | set[str]) -> list[Doc]:
+    """CSV cells typed per column as pandas (and so `datasets`) types them: int, float, bool or str;
+    the `missing` strings become None."""
     if not rows:
         return rows
     for col in rows[0]:
         values = [r[col] for r in rows]
-        for parse in (int, float, _boolean):
+        for parse in (int, float, _boolean, str):
             try:
-                parsed = [None if v == "" else parse(v) for v in values]
+                parsed = [None if v in missing else parse(v) for v in values]
             except ValueError:
                 continue
             for r, v in zip(rows, parsed):
                 r[col] = v
             break
-        else:
-            for r in rows:
-                r[col] = r[col] if r[col] != "" else None
     return rows
 
 
