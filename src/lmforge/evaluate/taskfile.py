@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import csv
 import functools
+import gzip
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -212,7 +213,8 @@ def _resolve(spec: TaskSpec, name: str) -> Path:
 
 
 def _read(spec: TaskSpec, path: Path) -> list[Doc]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
     if spec.dataset_path == "text":
         return [{"text": line} for line in text.splitlines()]
     if spec.dataset_path == "csv":
