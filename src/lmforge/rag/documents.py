@@ -200,7 +200,7 @@ def chunk_document(doc: Document, count: Counter, max_tokens: int, overlap: int 
     for heading, paragraphs in sections(doc.text):
         prefix = f"{heading}\n\n" if heading else ""
         budget = max_tokens - count(prefix)
-        if budget < 8:
+        if budget < 4:
             raise LmforgeError(f"{doc.doc_id}: the heading {heading!r} leaves {budget} of {max_tokens} tokens for "
                                "text; raise the chunk budget (--max-tokens) or shorten the heading")
         pieces = [p for para in paragraphs for p in _pieces(para, count, budget)]

@@ -139,8 +139,9 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings) -
     if settings.kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif settings.kind == "hnsw":
-        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT))
-        index.index.hnsw.efSearch = settings.ef_search
+        graph = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efSearch = settings.ef_search
+        index = faiss.IndexIDMap2(graph)
     else:
         n_lists = max(1, min(int(np.sqrt(max(len(vectors), 1))), len(vectors)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n_lists, faiss.METRIC_INNER_PRODUCT)
