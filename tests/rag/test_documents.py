@@ -8,10 +8,10 @@ import random
 import re
 
 import pytest
-from fakes import WordTokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.rag.documents import Document, chunk_document, html_to_markdown, read_documents, sections
+from rag_fakes import WordTokenizer
 
 count = lambda text: len(WordTokenizer().encode(text))  # noqa: E731
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import HashEmbedder
 
 from lmforge.errors import LmforgeError
 from lmforge.rag import Document, Index, IndexSettings, index_documents, reciprocal_rank_fusion
+from rag_fakes import HashEmbedder
 
 TOPICS = {
     "refunds.md": "# Refunds\n\nA refund is paid within 30 days of purchase to the original card.",
