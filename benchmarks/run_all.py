@@ -85,6 +85,9 @@ BENCHMARKS = (
               ("--base-steps", "50", "--sft-steps", "150"), needs="../shared/data/eng-fra/eng-fra.txt"),
     Benchmark("dpo", "examples/align/dpo_polite.py", quick_args=("--steps", "40")),
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
+    Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
+    Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2"),
+              ("--sentiment-steps", "60"), needs="../shared/data/sst2"),
 )
 
 
