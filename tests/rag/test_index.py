@@ -133,6 +133,10 @@ def test_bad_updates_are_one_line_errors(tmp_path):
     index_documents(tmp_path / "i", docs(TOPICS), embedder, "hash", settings=SMALL)
     with pytest.raises(LmforgeError, match=r"has no document 'nope\.md' to delete"):
         index_documents(tmp_path / "i", [], embedder, "hash", delete=["nope.md"])
+    with pytest.raises(LmforgeError, match="nothing to index"):
+        index_documents(tmp_path / "empty", [], embedder, "hash")
+    with pytest.raises(LmforgeError, match="is both given and to be deleted"):
+        index_documents(tmp_path / "i", docs(TOPICS), embedder, "hash", delete=["teams.md"])
     with pytest.raises(LmforgeError, match="is not a retrieval index"):
         Index.open(tmp_path / "missing")
     with pytest.raises(LmforgeError, match="unknown index kind"):

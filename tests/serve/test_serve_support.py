@@ -8,7 +8,6 @@ queue file, which is what the server reads when it starts again.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -17,14 +16,12 @@ import httpx
 import pytest
 import yaml
 from _serve_servers import API_KEY, Server, _launch, _wait_ready
+from test_serve_browser import ARGS, CHROMIUM
 
 import lmforge
 from lmforge.rag import Document, IndexSettings, index_documents
 from lmforge.support import HandoverQueue
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DOCS = {"refunds.md": "# Refunds\n\nA refund is paid within 30 days.",
         "password.md": "# Password\n\nReset your password with the link on the login page."}
 HUMAN = "I want to talk to a human"

@@ -166,6 +166,9 @@ def index_documents(folder: str | Path, docs: Sequence[Document], embedder: Embe
     complete; then `CURRENT` switches to it atomically.
     """
     folder = Path(folder)
+    delete = list(delete)
+    if not docs and not delete:
+        raise LmforgeError(f"nothing to index into {folder}: give documents, or doc ids to delete")
     folder.mkdir(parents=True, exist_ok=True)
     gen = _current(folder)
     new_gen = (gen or 0) + 1
@@ -173,7 +176,7 @@ def index_documents(folder: str | Path, docs: Sequence[Document], embedder: Embe
     tmp_db, tmp_vectors = folder / f".chunks-{new_gen}.sqlite.tmp", folder / f".vectors-{new_gen}.faiss.tmp"
     try:
         report = _write_generation(folder, gen, tmp_db, tmp_vectors, docs, embedder, embedder_name, settings,
-                                   list(delete), progress)
+                                   delete, progress)
         os.replace(tmp_db, _db_path(folder, new_gen))
         os.replace(tmp_vectors, _vectors_path(folder, new_gen))
         write_text(folder / "CURRENT", f"{new_gen}\n")  # the commit point

@@ -11,6 +11,8 @@ adds one field, `support`:
 In a stream the text comes in one chunk and `support` rides on the chunk that carries the finish
 reason. `GET /v1/support/handovers?after=ID&limit=N` lists the queue (API key protected like every
 `/v1` route). The answer runs on the scheduler thread, between decode steps, as embeddings do.
+Sampling comes from the config's `answer` section (grounded answers are greedy by default); a
+request's temperature and max_tokens are not applied to them.
 """
 
 from __future__ import annotations
