@@ -87,7 +87,7 @@ BENCHMARKS = (
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
     Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
     Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2"),
-              ("--sentiment-steps", "60"), needs="../shared/data/sst2"),
+              ("--sentiment-steps", "30"), needs="../shared/data/sst2"),
 )
 
 

@@ -113,10 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(ROOT / "runs" / "support-example"), help="where everything is built")
     parser.add_argument("--sentiment-data", default=None, help="SST-2 folder (train.tsv, dev.tsv) for the classifier")
-    parser.add_argument("--sentiment-steps", type=int, default=150, help="classifier training steps")
+    parser.add_argument("--sentiment-steps", type=int, default=50, help="classifier training steps")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads: one query is a small matrix; more threads only contend on a busy host")
+                        help="torch threads for queries and turns (training uses every core): one query is a "
+                             "small matrix, and more threads only contend on a busy host")
     args = parser.parse_args()
+    cores = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,9 @@ def main() -> None:
     if args.sentiment_data:
         if not Path(args.sentiment_data, "train.tsv").is_file():
             raise LmforgeError(f"{args.sentiment_data} has no train.tsv; pass the SST-2 folder")
+        torch.set_num_threads(cores)  # training batches are large enough to use every core
         classifier = train_sentiment(model, Path(args.sentiment_data), work / "sentiment", args.sentiment_steps)
+        torch.set_num_threads(args.threads)
     config = read_support_config(HERE / "support.yaml")
     (work / "handovers.sqlite").unlink(missing_ok=True)
     config = replace(config, index=str(work / "kb.index"), handovers=str(work / "handovers.sqlite"),
