@@ -86,6 +86,9 @@ BENCHMARKS = (
     Benchmark("dpo", "examples/align/dpo_polite.py", quick_args=("--steps", "40")),
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
     Benchmark("eval_speed", "benchmarks/eval_speed.py", quick_args=("--docs", "12", "--rounds", "1")),
+    Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
+    Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2"),
+              ("--sentiment-steps", "30"), needs="../shared/data/sst2"),
 )
 
 

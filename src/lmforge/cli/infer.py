@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(
         args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
         n_slots=args.slots, max_queue=args.max_queue, max_tokens=args.max_tokens, max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes, model_name=args.model_name,
+        max_body_bytes=args.max_body_bytes, model_name=args.model_name, support=args.support,
     )
 
 
@@ -114,6 +114,8 @@ def setup_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="cap on max_tokens per request")
     p.add_argument("--max-n", type=int, default=8, help="cap on n per request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="cap on the request body size")
+    p.add_argument("--support", default=None, metavar="YAML",
+                   help="answer chats as the support assistant this support.yaml describes (sources, handovers)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -78,6 +78,8 @@ from lmforge.serve.renderers import ChatRenderer, CompletionRenderer, encode_vec
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.state import Loaded, ServerState, Settings, server_state
 from lmforge.serve.streaming import plan, prompt_echoes, respond
+from lmforge.serve.support import assistant_of, list_handovers, open_support, support_chat
+from lmforge.support import Assistant
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,15 +90,17 @@ log = logging.getLogger(__name__)
 
 def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, *,
                on_ready: Callable[[LM, int], None] | None = None,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, support: Assistant | None = None) -> FastAPI:
     """The FastAPI app serving `lm`, or the model `lm()` loads in a background thread once the
-    server listens. `on_ready(lm, context_length)` and `on_load_error(message)` report the outcome."""
+    server listens. `on_ready(lm, context_length)` and `on_load_error(message)` report the outcome.
+    With `support`, chat completions go through the support assistant (`serve/support.py`)."""
     settings = settings or Settings()
     page = resources.files("lmforge.serve").joinpath("static/index.html").read_bytes()
     state = ServerState(settings, ServerMetrics(), page)
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=partial(_lifespan, state, lm, on_ready, on_load_error))
     app.state.lmforge = state
+    app.state.support = support
     add_error_handlers(app)
     open_routes = [("/", chat_page, "GET"), ("/health", health, "GET")]
     keyed_routes = [
@@ -108,7 +112,7 @@ def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, *,
         ("/tokenize", tokenize, "POST"),
         ("/detokenize", detokenize, "POST"),
         ("/tokenizer_info", tokenizer_info, "GET"),
-    ]
+    ] + ([("/v1/support/handovers", list_handovers, "GET")] if support is not None else [])
     for path, endpoint, method in open_routes:
         app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
     for path, endpoint, method in keyed_routes:
@@ -265,6 +269,8 @@ async def embeddings(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
+    if assistant_of(request) is not None:
+        return await support_chat(request, assistant_of(request))  # type: ignore[arg-type]
     started = time.perf_counter()
     state, loaded, body = await read_request(request, ChatCompletionRequest)
     if body.tools:
@@ -335,7 +341,7 @@ def _completion_prompts(tok: Tokenizer, prompt: str | list[Any]) -> tuple[list[l
 def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                n_slots: int = 16, max_queue: int = 64, max_tokens: int = 2048, max_n: int = 8,
                max_body_bytes: int = 1 << 20, model_name: str | None = None, stats_every: float = 10.0,
-               access_log: bool = False, threads: int | None = None) -> None:
+               access_log: bool = False, threads: int | None = None, support: str | Path | None = None) -> None:
     """Serve the model in `model_path` until interrupted (the `lmforge serve` command).
 
     The socket is bound first (so a busy port fails at once, and `port=0` picks a free one), the
@@ -343,6 +349,8 @@ def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8
     `threads` sets torch's intra-op threads; by default (unless OMP_NUM_THREADS is set) one core is
     left to the HTTP event loop: when torch's threads spin on every core, the loop that streams the
     tokens waits for them (`benchmarks/serve_load.py` measures the throughput).
+    `support`: a support.yaml; its index, embedder and classifier load before the server listens, and
+    the served model is the assistant's chat model.
     """
     folder = Path(model_path)
     if not folder.is_dir():
@@ -367,7 +375,8 @@ def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8
         if server is not None:
             server.should_exit = True
 
-    app = create_app(partial(load, folder), settings, on_ready=ready, on_load_error=failed)
+    assistant = open_support(support) if support else None
+    app = create_app(partial(load, folder), settings, on_ready=ready, on_load_error=failed, support=assistant)
     config = uvicorn.Config(app, log_level="info", access_log=access_log, timeout_graceful_shutdown=5,
                             server_header=False, lifespan="on")
     server = uvicorn.Server(config)
