@@ -24,8 +24,8 @@ import torch
 from tiny_base import pretrain_tiny
 
 import lmforge
-from lmforge.data.preference import PreferencePair, encode_pairs
-from lmforge.evaluate.logprobs import pair_logps
+from lmforge.data.preference import PreferencePair
+from lmforge.evaluate.preference import log_prob_preference
 from lmforge.train.align import run_dpo
 
 ITEMS = ["salt", "pepper", "book", "pen", "cup", "plate", "spoon", "fork", "knife", "bread", "butter", "map",
@@ -50,9 +50,8 @@ def pairs_for(items: list[str]) -> list[PreferencePair]:
 def preference(model_dir: Path, pairs: list[PreferencePair]) -> tuple[float, float]:
     """(share of pairs where the polite reply is more likely, mean log-prob margin polite - rude)."""
     lm = lmforge.load(model_dir)
-    logps = pair_logps(lm.model, encode_pairs(lm.tokenizer, pairs, lm.config.max_seq_len), 16, lm.tokenizer.padding_id)
-    margin = logps[:, 0] - logps[:, 1]
-    return (margin > 0).float().mean().item(), margin.mean().item()
+    scores = log_prob_preference(lm.model, lm.tokenizer, pairs)
+    return scores["accuracy"], scores["margin"]
 
 
 def ending_shares(model_dir: Path, items: list[str], samples: int = 8) -> tuple[float, float]:

@@ -13,7 +13,7 @@
    "input": EN, "output": FR}` rendered through the chat template, loss on the French reply only,
    rows packed with document masking.
 4. Translate the held-out sentences greedily with the base and the fine-tuned model and print
-   corpus BLEU (sacrebleu, all references per sentence).
+   corpus BLEU (`evaluate.corpus_metrics.corpus_bleu`: sacrebleu, all references per sentence).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import sacrebleu
 import torch
 import yaml
 
 import lmforge
+from lmforge.evaluate.corpus_metrics import corpus_bleu
 from lmforge.quickstart import quickstart
 from lmforge.train.finetune import run_sft
 
@@ -80,9 +80,7 @@ def bleu(model_dir: Path, test: dict[str, list[str]]) -> tuple[float, list[str]]
     """Corpus BLEU of greedy translations against every reference of each sentence."""
     english = list(test)
     hypotheses = translate(lmforge.load(model_dir), english)
-    width = max(len(refs) for refs in test.values())
-    streams = [[test[en][i] if i < len(test[en]) else None for en in english] for i in range(width)]
-    return sacrebleu.corpus_bleu(hypotheses, streams).score, hypotheses
+    return corpus_bleu(hypotheses, [test[en] for en in english]), hypotheses
 
 
 def main() -> None:

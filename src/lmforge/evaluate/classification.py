@@ -54,6 +54,11 @@ def classification_report(predicted: Sequence[int], actual: Sequence[int], label
     return ClassificationReport(list(labels), correct / max(n, 1), sum(f1s) / max(len(f1s), 1), confusion, n)
 
 
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Share of rows whose largest logit (B, n_labels) is the label (B,): the metric training logs."""
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
 def classifier_logits(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
     """Logits (N, n_labels) and labels (N,) of every batch, in order, in eval mode."""
     device = next(model.parameters()).device
@@ -94,5 +99,5 @@ def predict(model: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str
     return out
 
 
-__all__ = ["ClassificationReport", "Prediction", "classification_report", "classifier_logits", "evaluate_classifier",
+__all__ = ["ClassificationReport", "Prediction", "accuracy", "classification_report", "classifier_logits", "evaluate_classifier",
            "predict"]

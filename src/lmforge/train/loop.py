@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
+from lmforge.evaluate.perplexity import bits_per_byte, perplexity
 from lmforge.train import checkpointing as ckpt
 from lmforge.train.distributed import (
     DistInfo,
@@ -314,9 +315,9 @@ def evaluate_objective(
     if total_n <= 0:
         raise LmforgeError("the evaluation batches hold no target tokens; check the validation data")
     loss = total_loss / total_n
-    metrics = {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else math.inf, "eval_tokens": total_n}
+    metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": total_n}
     if bytes_per_token:
-        metrics["eval_bpb"] = loss / math.log(2) / bytes_per_token
+        metrics["eval_bpb"] = bits_per_byte(loss, bytes_per_token)
     local_n = float(n_targets)
     metrics.update({f"eval_{k}": v / local_n for k, v in extras.items() if local_n > 0})
     return metrics

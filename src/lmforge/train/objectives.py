@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data import IGNORE_INDEX, mask_tokens
+from lmforge.evaluate.classification import accuracy
 from lmforge.evaluate.logprobs import sequence_logps, token_logps
+from lmforge.evaluate.preference import pair_metrics
 from lmforge.train.distributed import unwrap_model
 from lmforge.train.loop import ObjectiveOutput
 
@@ -78,7 +80,7 @@ def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutpu
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, n_labels)
     labels = batch["labels"]
     out = _with_aux(model, F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel(), device=labels.device))
-    out.metrics["accuracy"] = (logits.argmax(-1) == labels).float().mean().item()
+    out.metrics["accuracy"] = accuracy(logits, labels)
     return out
 
 
@@ -86,13 +88,6 @@ def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutpu
 #
 # Pair batches stack B chosen rows above B rejected rows (data/preference.py); the loss is summed
 # over pairs and n_targets is the number of pairs. GRPO's loss is summed over completion tokens.
-
-
-def pair_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
-    """Mean chosen and rejected scores, their margin, and how often the chosen one scores higher."""
-    chosen, rejected = chosen.detach().float(), rejected.detach().float()
-    return {"chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
-            "margin": (chosen - rejected).mean().item(), "accuracy": (chosen > rejected).float().mean().item()}
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
