@@ -81,3 +81,35 @@ def run(out: Path, model: nn.Module | None = None, *, train_rows: Tensor | None 
     train(model, causal_lm, RowLoader(train_rows, config.batch_size), config, out,
           make_eval_batches=lambda: iter([as_batch(eval_rows)]), save_model=save_weights)
     return out
+
+
+class DeepTanhLM(nn.Module):
+    """A deep stack of tanh layers without residual connections or norms, initialised small:
+    the textbook network whose early layers get vanishing gradients."""
+
+    def __init__(self, n_layers: int = 12, dim: int = 32, gain: float = 0.3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=gain / dim**0.5)
+        self.lm_head = nn.Linear(dim, VOCAB)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        x = self.embed(input_ids)  # (B, T, dim)
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        logits = self.lm_head(x)  # (B, T, VOCAB)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+
+
+def force_uniform_head(model: nn.Module, layer: int, head: int) -> None:
+    """Zero the queries of one head and keep them zero (a gradient hook): every score equal, forever."""
+    q = model.layers[layer].attn.q.weight
+    rows = slice(head * model.config.head_dim, (head + 1) * model.config.head_dim)
+    with torch.no_grad():
+        q[rows] = 0
+    keep = torch.ones_like(q)
+    keep[rows] = 0
+    q.register_hook(lambda grad: grad * keep)

@@ -52,10 +52,13 @@ def _probe(model: nn.Module, forward: Callable[[nn.Module], object]) -> list[tup
         seen[module.layer_idx] = probabilities(module, x, rope, mask)
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    was_training = model.training
+    model.eval()  # dropout off: the maps of the model as it predicts
     try:
         with torch.no_grad():
             forward(model)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return [seen[i] for i in sorted(seen)]
@@ -65,7 +68,7 @@ def attention_maps(model: nn.Module, forward: Callable[[nn.Module], object]) -> 
     """The attention probabilities of every layer, (B, n_heads, T, T) each, while `forward(model)` runs.
 
     `forward` calls the model as usual (e.g. `lambda m: m(ids)`), so every family's own
-    masks apply; no gradient is recorded and no KV cache may be used.
+    masks apply; the model runs in eval mode (no dropout), without gradients or a KV cache.
     """
     return [probs for probs, _ in _probe(model, forward)]
 
@@ -86,10 +89,5 @@ def head_entropy(probs: Tensor, allowed: Tensor) -> Tensor:
 
 def attention_entropy(model: nn.Module, input_ids: Tensor) -> list[list[float]]:
     """Normalised entropy per layer and head of `model` on `input_ids` (B, T): 0 collapsed, 1 uniform."""
-    was_training = model.training
-    model.eval()
-    try:
-        probed = _probe(model, lambda m: m(input_ids))
-    finally:
-        model.train(was_training)
+    probed = _probe(model, lambda m: m(input_ids))
     return [head_entropy(probs, allowed).tolist() for probs, allowed in probed]
