@@ -111,7 +111,7 @@ def test_doctor_samples_the_run_model_with_a_reference(tmp_path: Path, tiny_lm_d
 
 @pytest.mark.parametrize(("files", "message"), [
     (None, "does not exist"),
-    ({"train_state.json": "{}"}, "has no metrics.jsonl"),
+    ({"checkpoints/step_0000010/train_state.json": "{}"}, "has no metrics.jsonl"),
     ({"metrics.jsonl": '{"kind": "eval", "step": 5, "eval_loss": 3.0}\n{"kind": "tra'}, "holds no training steps"),
 ])
 def test_doctor_errors_are_one_line(tmp_path: Path, cli, files: dict | None, message: str) -> None:
@@ -119,6 +119,7 @@ def test_doctor_errors_are_one_line(tmp_path: Path, cli, files: dict | None, mes
     if files is not None:
         folder.mkdir()
         for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(text)
     out = cli("doctor", folder)
     assert out.returncode == 2 and out.stderr.startswith("lmforge: error:") and out.stderr.count("\n") == 1, out.stderr

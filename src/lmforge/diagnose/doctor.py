@@ -100,24 +100,25 @@ def check_vanishing(run: RunHistory) -> Finding | None:
 # ---------------------------------------------------------------- the loss
 
 
+def _flagged(run: RunHistory, flag: Callable[[dict[str, Any]], bool], code: str, severity: str, evidence: str,
+             advice: str) -> Finding | None:
+    """A finding about the logged steps `flag` marks; `evidence` may use {n} and {steps}."""
+    steps = [r["step"] for r in run.train if flag(r)]
+    return Finding(code, severity, evidence.format(n=len(steps), steps=_steps(steps)), advice) if steps else None
+
+
 def check_non_finite(run: RunHistory) -> Finding | None:
-    bad = [r["step"] for r in run.train if r.get("skipped") or r.get("loss") is None]
-    if not bad:
-        return None
-    return Finding("non_finite", "error",
-                   f"{len(bad)} logged steps had a non-finite loss or gradient norm and were skipped (steps {_steps(bad)})",
-                   "lower train.lr, keep train.grad_clip on, train in float32 instead of bfloat16, "
-                   "and check the data at those steps for empty or corrupt rows")
+    return _flagged(run, lambda r: bool(r.get("skipped")) or r.get("loss") is None, "non_finite", "error",
+                    "{n} logged steps had a non-finite loss or gradient norm and were skipped (steps {steps})",
+                    "lower train.lr, keep train.grad_clip on, train in float32 instead of bfloat16, "
+                    "and check the data at those steps for empty or corrupt rows")
 
 
 def check_spikes(run: RunHistory) -> Finding | None:
-    spikes = [r["step"] for r in run.train if r.get("loss_spike")]
-    if not spikes:
-        return None
-    return Finding("loss_spikes", "warning",
-                   f"{len(spikes)} loss spikes (over 6 standard deviations above the last 100 steps) at steps {_steps(spikes)}",
-                   "lower train.lr or lengthen train.warmup_steps, keep train.grad_clip on, "
-                   "and look at the batches of those steps for bad data")
+    return _flagged(run, lambda r: bool(r.get("loss_spike")), "loss_spikes", "warning",
+                    "{n} loss spikes (over 6 standard deviations above the last 100 steps) at steps {steps}",
+                    "lower train.lr or lengthen train.warmup_steps, keep train.grad_clip on, "
+                    "and look at the batches of those steps for bad data")
 
 
 def check_overfitting(run: RunHistory) -> Finding | None:

@@ -46,8 +46,9 @@ def _finite(value: Any) -> bool:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """True when `folder` looks like a training run (metrics, a train state or checkpoints)."""
-    return any((folder / name).exists() for name in (METRICS, TRAIN_STATE, "checkpoints"))
+    """True when `folder` looks like a training run (metrics or periodic checkpoints); a checkpoint
+    folder of its own (model files and a train state) is a model folder."""
+    return (folder / METRICS).is_file() or (folder / "checkpoints").is_dir()
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
