@@ -7,17 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmforge
-from conftest import save_tiny
+from lmforge.api import LM
 from lmforge.cli.main import main
+from lmforge.config import preset
 from lmforge.diagnose.attention import AttentionMaps, plot_attention
+from lmforge.models import build_model
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-llama", "tiny-mistral", "tiny-mixtral"])
-def test_lm_attention_for_every_family(tmp_path: Path, tiny_tokenizer, name: str) -> None:
-    lm = lmforge.load(save_tiny(tmp_path / name, tiny_tokenizer, name))
+def test_lm_attention_for_every_family(tiny_tokenizer, name: str) -> None:
+    torch.manual_seed(0)
+    lm = LM(build_model(preset(name, vocab_size=tiny_tokenizer.vocab_size, eos_id=tiny_tokenizer.eos_id)), tiny_tokenizer)
     maps = lm.attention(TEXT)
     ids = lm.tokenizer.encode(TEXT, add_special_tokens=True)
     assert isinstance(maps, AttentionMaps) and "".join(maps.tokens) == lm.tokenizer.decode(ids)

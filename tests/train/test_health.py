@@ -17,6 +17,7 @@ def test_parameter_names_map_to_layers() -> None:
     assert layer_of("embed.weight") == "embeddings" and layer_of("positions.weight") == "embeddings"
     assert layer_of("layers.3.attn.q.weight") == "block.3" and layer_of("base.layers.0.mlp.up.weight") == "block.0"
     assert layer_of("lm_head.weight") == "head" and layer_of("norm.weight") == "head"
+    assert layer_of("base.embed.weight") == "embeddings" and layer_of("base.pooler.weight") == "head"
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])

@@ -41,8 +41,7 @@ def layer_of(name: str) -> str:
     block = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
     if block:
         return f"block.{block.group(1)}"
-    first = name.split(".")[0]
-    return "embeddings" if first in EMBEDDING_NAMES else "head"
+    return "embeddings" if any(part in EMBEDDING_NAMES for part in name.split(".")) else "head"
 
 
 def _group_order(name: str) -> tuple[int, int]:
