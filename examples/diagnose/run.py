@@ -1,6 +1,6 @@
 """The doctor at work: a small run that goes wrong on purpose, its diagnosis, doctor.png and an attention map.
 
-A byte-level GPT-2-shaped model is pretrained on the first 30 kB of tinyshakespeare only, with a
+A byte-level GPT-2-shaped model is pretrained on the first 5 kB of tinyshakespeare only, with a
 high learning rate and no warm-up, for long enough to memorise it: validation loss turns up and
 gradients are clipped on most steps. `train.watch_attention` records attention entropy at each
 evaluation. The README's pictures come from this script:
@@ -27,7 +27,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+TEXT = "ROMEO:\nBut, soft! what light"
 
 
 def recipe(work: Path, out: Path, steps: int) -> dict:
@@ -41,7 +41,7 @@ def recipe(work: Path, out: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/tinyshakespeare/input.txt"), help="a text file")
-    parser.add_argument("--train-bytes", type=int, default=30_000, help="train on this much of it (small: it overfits)")
+    parser.add_argument("--train-bytes", type=int, default=5_000, help="train on this much of it (small: it overfits)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="runs/diagnose", help="working folder")
     parser.add_argument("--images", default=str(ROOT / "docs/images"), help="where the pictures go")

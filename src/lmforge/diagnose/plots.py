@@ -69,6 +69,8 @@ def _entropy_panel(fig: Figure, ax: Axes, run: RunHistory) -> None:
     for i, layer in enumerate(entropy):
         for j, h in enumerate(layer):
             ax.text(j, i, f"{h:.2f}", ha="center", va="center", color="white" if h < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(entropy[0])))
+    ax.set_yticks(range(len(entropy)))
     ax.set(xlabel="head", ylabel="layer", title=f"Attention entropy at step {records[-1]['step']} (0 one token, 1 uniform)")
     fig.colorbar(image, ax=ax)
 
