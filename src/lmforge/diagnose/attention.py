@@ -51,7 +51,7 @@ def plot_attention(maps: AttentionMaps, path: Path, *, layer: int | None = None,
     size = 7 if len(chosen) == 1 else 3.5
     fig = new_figure(size * cols, size * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
-    labels = [t.replace("\n", "\\n") for t in maps.tokens] if len(maps.tokens) <= LABELLED_TOKENS else None
+    labels = [t.replace("\n", "\\n").replace(" ", "\u2423") for t in maps.tokens] if len(maps.tokens) <= LABELLED_TOKENS else None
     for ax, (i, j) in zip(axes.flat, chosen, strict=False):
         ax.imshow(maps.probs[i, j].float().numpy(), vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
         ax.set_title(f"layer {i} head {j}", fontsize=9)
