@@ -2,8 +2,9 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both stream as
 server-sent events), `POST /v1/embeddings`, `POST /tokenize`, `POST /detokenize`, `GET /health`,
-`GET /metrics`, and the chat page at `/`. A route reads its request (`errors.py`), plans the
-generation and streams it (`streaming.py`), and shapes the answer (`renderers.py`).
+`GET /metrics`, `GET /tokenizer_info` (vLLM's, for lm-eval's remote tokenizer), and the chat page
+at `/`. A route reads its request (`errors.py`), plans the generation and streams it
+(`streaming.py`), and shapes the answer (`renderers.py`).
 
 Design choices:
 - **Prompts become tokens here**: the routes render chat templates and tokenize prompts; the
@@ -71,6 +72,7 @@ from lmforge.serve.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from lmforge.serve.renderers import ChatRenderer, CompletionRenderer, encode_vector
 from lmforge.serve.scheduler import Scheduler
@@ -105,6 +107,7 @@ def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, *,
         ("/v1/embeddings", embeddings, "POST"),
         ("/tokenize", tokenize, "POST"),
         ("/detokenize", detokenize, "POST"),
+        ("/tokenizer_info", tokenizer_info, "GET"),
     ]
     for path, endpoint, method in open_routes:
         app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
@@ -216,6 +219,15 @@ async def detokenize(request: Request) -> Response:
     _, loaded, body = await read_request(request, DetokenizeRequest)
     check_token_ids(body.tokens, loaded.lm.config.vocab_size, "tokens")
     return json_response(DetokenizeResponse(prompt=require_tokenizer(loaded).decode(body.tokens)))
+
+
+async def tokenizer_info(request: Request) -> Response:
+    """The tokenizer's special tokens, chat template and the context: with it and /tokenize, lm-eval's
+    local-completions model (tokenizer_backend auto or remote) needs no copy of the tokenizer."""
+    _, loaded = require_ready(request)
+    tok = require_tokenizer(loaded)
+    names = {k: v for k, v in tok.special_tokens.items() if k in TokenizerInfoResponse.model_fields}
+    return json_response(TokenizerInfoResponse(**names, chat_template=tok.chat_template, model_max_length=loaded.max_len))
 
 
 async def embeddings(request: Request) -> Response:

@@ -257,6 +257,18 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's /tokenizer_info: what a client needs to tokenize through /tokenize (lm-eval's remote tokenizer)."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
