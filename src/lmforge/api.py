@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from lmforge.generate.engine import Engine, Request, Token, beam_search, specula
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models.heads import sentence_embeddings
 from lmforge.tokenizer import GenerationDefaults, IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.diagnose.attention import AttentionMaps
 
 Message = dict[str, Any]
 
@@ -221,6 +224,13 @@ class LM:
         x = torch.tensor([ids])
         lp = self.model.eval()(x).float().log_softmax(-1)[0, :-1]  # (T - 1, V)
         return lp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+
+    def attention(self, text: str) -> AttentionMaps:
+        """The attention probabilities of every layer and head on `text`, with its tokens:
+        `.tokens` (T strings) and `.probs` (n_layers, n_heads, T, T), row t summing to one."""
+        from lmforge.diagnose.attention import attention_of
+
+        return attention_of(self.model, self._tok(), text)
 
     def score(self, prompt: str | list[Message], response: str) -> float:
         """A reward model's score of `response` to `prompt` (a folder written by `lmforge reward`)."""

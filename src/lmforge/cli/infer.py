@@ -1,4 +1,4 @@
-"""Inference verbs: generate, chat, serve, convert, quantize, doctor.
+"""Inference verbs: generate, chat, serve, convert, quantize.
 
 Each parses, calls the library (`lmforge.load` and the `LM` it returns, the server, the
 quantizer), and prints. Library modules are imported inside the command functions, so
@@ -161,42 +161,10 @@ def setup_quantize(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
-def cmd_doctor(args: argparse.Namespace) -> None:
-    import platform
-
-    import torch
-
-    import lmforge
-    from lmforge.models import kernels
-
-    print(f"lmforge {lmforge.__version__} · python {platform.python_version()} · torch {torch.__version__}")
-    print(f"threads {torch.get_num_threads()} · cuda {torch.cuda.is_available()}"
-          + (f" ({torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()})" if torch.cuda.is_available() else ""))
-    print("native decode kernels: " + (f"yes (built in {kernels.cache_dir()})" if kernels.native()
-                                       else "no, decode uses oneDNN and PyTorch attention (run `lmforge -v doctor` for why)"))
-    for name in ("tokenizers", "safetensors", "transformers", "fastapi", "uvicorn"):
-        try:
-            mod = __import__(name)
-            print(f"{name} {getattr(mod, '__version__', '?')}")
-        except ImportError:
-            print(f"{name} not installed")
-    if args.model:
-        lm = lmforge.load(args.model)
-        n = sum(p.numel() for p in lm.model.parameters())
-        print(f"{args.model}: {lm.config.kind}, {n / 1e6:.2f}M parameters, context {lm.config.max_seq_len}, "
-              f"tokenizer {'yes' if lm.tokenizer else 'no'}")
-
-
-def setup_doctor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?")
-    p.set_defaults(func=cmd_doctor)
-
-
 VERBS: dict[str, tuple[str, Setup]] = {  # verb -> (one-line help, adds its arguments)
     "generate": ("continue a prompt (streams to the terminal)", setup_generate),
     "chat": ("interactive chat (/reset, /system TEXT, /quit; Ctrl-C stops a reply)", setup_chat),
     "serve": ("OpenAI-compatible HTTP server with a web chat page", setup_serve),
     "convert": ("convert between lmforge and Hugging Face folders", setup_convert),
     "quantize": ("weight-only int8 / int4 quantization (generate, chat and serve load it)", setup_quantize),
-    "doctor": ("report versions, devices and (optionally) a model", setup_doctor),
 }

@@ -271,12 +271,18 @@ class Attention(nn.Module):
         self.rotate = apply_rotary if config.positions == "rotary" else no_rotation
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
+    def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of `x` (B, T, dim), normed and rotated as attention uses them."""
         B, T, _ = x.shape
         q = self.q_norm(self.q(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_norm(self.k(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = self.rotate(q, k, rope)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if (native := _native_attention(q, cache, mask, self.training)) is not None:
             # one decode token per sequence: store and attend in one native call
             y = native.decode_attention(q, k, v, *cache.buffers(self.layer_idx), cache.columns, mask)
@@ -333,7 +339,8 @@ class MoE(nn.Module):
     Router probabilities are a softmax over all experts; the chosen top-k are renormalised
     to sum to one. After each forward, `aux_loss` holds the Switch-Transformer load-balancing
     loss, n_experts * sum_e (fraction of routed tokens to e) * (mean router probability of e),
-    which training objectives add with `router_aux_loss_coef`.
+    which training objectives add with `router_aux_loss_coef`, and `expert_tokens` (n_experts,)
+    the number of tokens routed to each expert (the training health record reads it).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -342,6 +349,7 @@ class MoE(nn.Module):
         self.router = Linear(config.dim, config.n_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_experts))
         self.aux_loss = torch.zeros(())
+        self.expert_tokens = torch.zeros(config.n_experts, dtype=torch.long)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -355,6 +363,7 @@ class MoE(nn.Module):
             if token.numel():
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])  # (n_routed, dim) rows
         self.aux_loss = self._balance_loss(probs, chosen)
+        self.expert_tokens = torch.bincount(chosen.flatten(), minlength=len(self.experts))  # (n_experts,)
         return out.view(B, T, D)  # (B, T, dim)
 
     def _balance_loss(self, probs: Tensor, chosen: Tensor) -> Tensor:

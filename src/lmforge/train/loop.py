@@ -3,7 +3,8 @@
 A training type is an *objective*: `(model, batch) -> ObjectiveOutput(loss_sum, n_targets,
 metrics)`. The loop owns everything else: gradient accumulation, clipping, the learning-rate
 schedule, AdamW, bf16 autocast, torch.compile, DDP, evaluation, atomic checkpoints, exact
-resume, the non-finite guard, metrics.jsonl, loss.png and callbacks.
+resume, the non-finite guard, metrics.jsonl (with the health record of `health.py`: per-layer
+gradient norms and update ratios, expert load, attention entropy), loss.png and callbacks.
 
 Design choices:
 - Objectives return the loss *summed* over target tokens plus the token count. The loop
@@ -59,6 +60,7 @@ from lmforge.train.distributed import (
     maybe_no_sync,
     wrap_model,
 )
+from lmforge.train.health import HealthRecorder
 from lmforge.train.monitor import LossSpikeDetector, NonFiniteGuard
 from lmforge.train.report import (
     Callback,
@@ -121,6 +123,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before stopping
     tensorboard: bool = False  # also write TensorBoard logs to out_dir/tensorboard (needs tensorboard)
     bytes_per_token: float | None = None  # average UTF-8 bytes per token of the eval text, for bits per byte
+    watch_attention: bool = False  # record attention entropy per layer and head at each evaluation (for `lmforge doctor`)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -350,6 +353,7 @@ class _Run:
         self.writer = MetricsWriter(out_dir / "metrics.jsonl")
         self.guard = NonFiniteGuard(cfg.max_bad_steps)
         self.spikes = LossSpikeDetector()
+        self.health = HealthRecorder(self.raw, self.params)
         self.step = 0
         self.history: dict[str, list[list[float]]] = {"train": [], "eval": []}
         self.last_train_loss = math.nan
@@ -440,10 +444,15 @@ class _Run:
         lr = lr_at(self.step, cfg)
         kept = str(self.last_checkpoint) if self.last_checkpoint else None
         applied = self.guard.check(loss, grad_norm, self.step + 1, kept)
+        health: dict[str, Any] = {}
         if applied:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            measured = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+            before = self.health.snapshot() if measured else None
             self.optimizer.step()
+            if before is not None:
+                health = self.health.measure(before, grad_norm, cfg.grad_clip)
             self.last_train_loss = loss
         else:
             log.warning("step %d: loss %s or gradient norm %s is not finite; skipped the update (%d in a row)",
@@ -453,7 +462,7 @@ class _Run:
         elapsed = time.perf_counter() - start
         local_n = float(n_targets)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": total_n / elapsed,
-                "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied,
+                "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied, **health,
                 **{k: v / local_n for k, v in extras.items() if local_n > 0}}
 
     def _finish_gradients(self, total_loss: float, total_n: float) -> tuple[float, float]:
@@ -482,7 +491,8 @@ class _Run:
         if self.spikes.update(metrics["loss"]):
             metrics["loss_spike"] = True
             log.warning("step %d: loss spike (%.4f)", self.step, metrics["loss"])
-        logged = self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or metrics["skipped"]
+        logged = (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or metrics["skipped"]
+                  or "loss_spike" in metrics)
         if logged and math.isfinite(metrics["loss"]):
             self.history["train"].append([self.step, metrics["loss"]])
         if self.info.is_main and logged:
@@ -494,6 +504,8 @@ class _Run:
         metrics = evaluate_objective(self.raw, self.objective, self.make_eval_batches(),
                                      max_batches=self.cfg.eval_batches, precision=self.cfg.precision,
                                      bytes_per_token=self.cfg.bytes_per_token, dist_info=self.info)
+        if self.cfg.watch_attention:
+            metrics["attn_entropy"] = self.health.attention_entropy(self.raw, self.make_eval_batches)
         self.last_eval = metrics
         self.history["eval"].append([self.step, metrics["eval_loss"]])
         if self.info.is_main:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from lmforge.train.loop import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,11 @@ def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str)
     ax.grid(True, alpha=0.3)
     if any(points for points, _, _ in curves):
         ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Lay out `fig` and write it to the PNG `path` atomically (a temporary name, then a rename)."""
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
