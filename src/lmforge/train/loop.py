@@ -216,19 +216,20 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
 ParamGroups = Callable[[nn.Module], list[dict[str, Any]]]
 
 
-def scale_and_clip_(params: Iterable[nn.Parameter], scale: float, max_norm: float) -> float:
+def scale_and_clip_(params: Iterable[nn.Parameter], scale: Tensor | float, max_norm: float) -> Tensor:
     """Multiply the gradients by `scale`, then clip them to total norm `max_norm` (as
     `clip_grad_norm_`), with one multiply of each: the norm is taken before scaling. Each pass over
     the gradients is ~1 GB of memory traffic for GPT-2 small. Returns the norm of the scaled
-    gradients before clipping."""
+    gradients before clipping, as a float64 tensor on the gradients' device: nothing here waits
+    for the device (`scale` may be a tensor too), and the foreach kernels make it two calls
+    whatever the number of parameters."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(dtype) for g in grads])))
-    factor = scale * min(1.0, max_norm / (norm + 1e-6))
-    for g in grads:
-        g.mul_(factor)
+        return torch.zeros((), dtype=torch.float64)
+    raw = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
+    norm = raw * scale
+    factor = scale * (max_norm / (norm + 1e-6)).clamp(max=1.0)  # float64, on the device
+    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
     return norm
 
 
@@ -263,7 +264,21 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`; to a GPU through pinned memory, so the copy runs
+    asynchronously and the host goes on queueing the step's kernels."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _detached(value: Tensor | float) -> Tensor | float:
+    return value.detach().double() if isinstance(value, Tensor) else value
+
+
+def _per_target(sums: dict[str, Tensor | float], n: Tensor) -> dict[str, float]:
+    """Token-weighted sums of objective metrics -> their means as floats (read only when reported)."""
+    count = float(n)
+    return {k: float(v) / count for k, v in sums.items()} if count > 0 else {}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -417,12 +432,13 @@ class _Run:
     # ------------------------------------------------------------------ one step
 
     def _train_step(self) -> dict[str, Any]:
+        """One optimizer step. The host waits for the device once, to read the loss, the token
+        count and the gradient norm together (the non-finite guard needs them before the update)."""
         cfg, device = self.cfg, self.info.device
         start = time.perf_counter()
         self.ddp.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_targets = torch.zeros((), dtype=torch.float64, device=device)
-        extras: dict[str, float] = {}
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss summed over targets, targets
+        extras: dict[str, Tensor | float] = {}
         for micro in range(cfg.grad_accum):
             batch = _to_device(self.loader.next_batch(), device)
             with maybe_no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):
@@ -430,12 +446,12 @@ class _Run:
                     out = self.objective(self.ddp, batch)
                 out.loss_sum.backward()
             n = torch.as_tensor(out.n_targets, dtype=torch.float64, device=device)
-            loss_sum += out.loss_sum.detach().double()
-            n_targets += n
+            sums += torch.stack((out.loss_sum.detach().double(), n))
             for key, value in out.metrics.items():
-                extras[key] = extras.get(key, 0.0) + float(value) * float(n)
-        total_loss, total_n = all_reduce_sum(torch.stack([loss_sum, n_targets]), self.info).tolist()
-        loss, grad_norm = self._finish_gradients(total_loss, total_n)
+                extras[key] = extras.get(key, 0.0) + _detached(value) * n
+        local_n = sums[1].clone()
+        all_reduce_sum(sums, self.info)
+        loss, total_n, grad_norm = self._finish_gradients(sums)
         lr = lr_at(self.step, cfg)
         kept = str(self.last_checkpoint) if self.last_checkpoint else None
         applied = self.guard.check(loss, grad_norm, self.step + 1, kept)
@@ -450,20 +466,21 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        local_n = float(n_targets)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": total_n / elapsed,
                 "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied,
-                **{k: v / local_n for k, v in extras.items() if local_n > 0}}
+                **_per_target(extras, local_n)}
 
-    def _finish_gradients(self, total_loss: float, total_n: float) -> tuple[float, float]:
-        """Turn summed gradients into the step's mean and clip; return (loss, pre-clip grad norm)."""
-        if total_n <= 0:
-            log.warning("step %d has no target tokens (is every label masked?)", self.step + 1)
-            return math.nan, math.nan
+    def _finish_gradients(self, sums: Tensor) -> tuple[float, float, float]:
+        """Turn summed gradients into the step's mean and clip them; `sums` holds the global loss sum
+        and target count. Returns (mean loss, target count, pre-clip grad norm), read in one transfer."""
         # DDP averaged over ranks; undo that and divide by the global target count instead.
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = scale_and_clip_(self.params, self.info.world_size / total_n, max_norm)
-        return total_loss / total_n, grad_norm
+        grad_norm = scale_and_clip_(self.params, self.info.world_size / sums[1], max_norm)
+        total_loss, total_n, norm = torch.cat((sums, grad_norm.reshape(1).to(sums.device))).tolist()
+        if total_n <= 0:
+            log.warning("step %d has no target tokens (is every label masked?)", self.step + 1)
+            return math.nan, 0.0, math.nan
+        return total_loss / total_n, total_n, norm
 
     # ------------------------------------------------------------------ reporting, eval, save
 
