@@ -24,6 +24,10 @@ Design choices:
   files and calls callbacks. The objective receives the model as trained (DDP- and/or
   compile-wrapped) for training and the plain module for evaluation; use
   `distributed.unwrap_model` to reach attributes.
+- One host read per step: the loss, the token count, the gradient norm and the objective's
+  metrics (0-d tensors, kept on the device) come back in one transfer, however many micro-batches
+  the step has; a small model's step is otherwise dominated by the waits and Python around its
+  matmuls (`benchmarks/shakespeare.py` measures the loop against a plain PyTorch one).
 - Order within a step: train, report, evaluate (every eval_every), save (every save_every).
   The last step is evaluated and saved into `out_dir` itself instead.
 """
@@ -156,7 +160,8 @@ class ObjectiveOutput:
 
     loss_sum: Tensor  # scalar, summed over targets
     n_targets: Tensor | int  # number of targets in this micro-batch
-    metrics: dict[str, float] = field(default_factory=dict)  # already-averaged extras for logging
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)  # already-averaged extras for logging;
+    #                                      0-d tensors are read with the step's loss, in one transfer
 
 
 Objective = Callable[[nn.Module, dict[str, Tensor]], ObjectiveOutput]
@@ -275,10 +280,14 @@ def _detached(value: Tensor | float) -> Tensor | float:
     return value.detach().double() if isinstance(value, Tensor) else value
 
 
-def _per_target(sums: dict[str, Tensor | float], n: Tensor) -> dict[str, float]:
-    """Token-weighted sums of objective metrics -> their means as floats (read only when reported)."""
-    count = float(n)
-    return {k: float(v) / count for k, v in sums.items()} if count > 0 else {}
+def _read_together(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """`values` as floats, the tensors among them copied to the host in one transfer (one wait)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([v.to(device, torch.float64).reshape(()) for v in tensors.values()])
+        values = {**values, **dict(zip(tensors, stacked.tolist(), strict=True))}
+    return {k: float(v) for k, v in values.items()}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -432,8 +441,9 @@ class _Run:
     # ------------------------------------------------------------------ one step
 
     def _train_step(self) -> dict[str, Any]:
-        """One optimizer step. The host waits for the device once, to read the loss, the token
-        count and the gradient norm together (the non-finite guard needs them before the update)."""
+        """One optimizer step. The host waits for the device once, to read the loss, the token count,
+        the gradient norm and the objective's metrics together (the non-finite guard needs the first
+        three before the update)."""
         cfg, device = self.cfg, self.info.device
         start = time.perf_counter()
         self.ddp.train()
@@ -451,7 +461,10 @@ class _Run:
                 extras[key] = extras.get(key, 0.0) + _detached(value) * n
         local_n = sums[1].clone()
         all_reduce_sum(sums, self.info)
-        loss, total_n, grad_norm = self._finish_gradients(sums)
+        # DDP averaged the gradients over ranks; undo that and divide by the global target count instead.
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = scale_and_clip_(self.params, self.info.world_size / sums[1], max_norm)
+        loss, total_n, grad_norm, metrics = self._read_step(sums, local_n, grad_norm, extras)
         lr = lr_at(self.step, cfg)
         kept = str(self.last_checkpoint) if self.last_checkpoint else None
         applied = self.guard.check(loss, grad_norm, self.step + 1, kept)
@@ -468,19 +481,18 @@ class _Run:
         elapsed = time.perf_counter() - start
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": total_n / elapsed,
                 "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied,
-                **_per_target(extras, local_n)}
+                **metrics}
 
-    def _finish_gradients(self, sums: Tensor) -> tuple[float, float, float]:
-        """Turn summed gradients into the step's mean and clip them; `sums` holds the global loss sum
-        and target count. Returns (mean loss, target count, pre-clip grad norm), read in one transfer."""
-        # DDP averaged over ranks; undo that and divide by the global target count instead.
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = scale_and_clip_(self.params, self.info.world_size / sums[1], max_norm)
-        total_loss, total_n, norm = torch.cat((sums, grad_norm.reshape(1).to(sums.device))).tolist()
+    def _read_step(self, sums: Tensor, local_n: Tensor, grad_norm: Tensor,
+                   extras: dict[str, Tensor | float]) -> tuple[float, float, float, dict[str, float]]:
+        """(mean loss, global targets, grad norm, this rank's per-target metrics), read in one transfer."""
+        read = _read_together({"loss_sum": sums[0], "n": sums[1], "grad_norm": grad_norm, "local_n": local_n, **extras})
+        loss_sum, total_n, norm, local = (read.pop(k) for k in ("loss_sum", "n", "grad_norm", "local_n"))
+        metrics = {k: v / local for k, v in read.items()} if local > 0 else {}
         if total_n <= 0:
             log.warning("step %d has no target tokens (is every label masked?)", self.step + 1)
-            return math.nan, 0.0, math.nan
-        return total_loss / total_n, total_n, norm
+            return math.nan, total_n, math.nan, metrics
+        return loss_sum / total_n, total_n, norm, metrics
 
     # ------------------------------------------------------------------ reporting, eval, save
 
