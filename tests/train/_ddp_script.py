@@ -58,7 +58,7 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
     loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     n = (targets != -100).sum()
-    return ObjectiveOutput(loss_sum=loss_sum, n_targets=n, metrics={"mask_fraction": float(n) / targets.numel()})
+    return ObjectiveOutput(loss_sum=loss_sum, n_targets=n, metrics={"mask_fraction": n / targets.numel()})
 
 
 def make_batch(rng: np.random.Generator, rows: int) -> dict[str, Tensor]:

@@ -30,7 +30,7 @@ def test_layer_norms_add_up_to_the_total_and_undo_clipping(clip: float) -> None:
     model(ids, labels=ids).backward()
     expected = {g: math.sqrt(sum(float(p.grad.norm()) ** 2 for n, p in model.named_parameters() if layer_of(n) == g))
                 for g in recorder.groups}
-    total = scale_and_clip_(params, 1.0, clip or math.inf)
+    total = float(scale_and_clip_(params, 1.0, clip or math.inf))
     before = recorder.snapshot()
     weights = [p.detach().clone() for p in params]
     with torch.no_grad():

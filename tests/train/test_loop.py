@@ -301,8 +301,35 @@ def test_scale_and_clip_equals_mean_then_clip_grad_norm(max_norm: float) -> None
         if p.grad is not None:
             p.grad.mul_(0.25)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-    assert norm == pytest.approx(float(ref_norm), rel=1e-6)
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
     for a, b in zip(ours.parameters(), ref.parameters()):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_step_waits_for_the_device_once_whatever_the_accumulation(tmp_path: Path, monkeypatch) -> None:
+    """Every host read (item, tolist, float, bool of a tensor) stalls a GPU's queue; a step takes one."""
+    reads: list[str] = []
+
+    def counting(name: str):
+        original = getattr(Tensor, name)
+
+        def read(self: Tensor, *args: object) -> object:
+            reads.append(name)
+            return original(self, *args)
+
+        return read
+
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        monkeypatch.setattr(Tensor, name, counting(name))
+    marks: list[int] = []
+
+    class Mark(Callback):
+        def on_step(self, step: int, metrics: dict[str, float]) -> None:
+            marks.append(len(reads))
+
+    train(ToyLM(dropout=0.0), causal_lm, ToyLoader(4),
+          small_cfg(steps=4, grad_accum=3, eval_every=0, save_every=0, log_every=100),
+          tmp_path, save_model=save_toy_model, callbacks=[Mark()])
+    assert np.diff(marks).tolist() == [1, 1, 2], reads  # the last step logs: its health record is one more read

@@ -193,11 +193,20 @@ def _map_shard(directory: Path, shard: dict[str, Any], dtype: np.dtype) -> np.nd
 
 def _windows_to_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
     """(B, T+1) token windows -> inputs and next-token labels, both LongTensor (B, T)."""
-    windows = windows.astype(np.int64)
-    return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),  # (B, T)
-        "labels": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),  # (B, T)
-    }
+    windows = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
+    return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}  # (B, T) each
+
+
+def _gather_windows(arrays: tuple[np.ndarray, ...], shard_ids: np.ndarray, offsets: np.ndarray,
+                    length: int) -> np.ndarray:
+    """Row i = arrays[shard_ids[i]][offsets[i] : offsets[i] + length], (B, length): one fancy-index
+    read per shard the batch touches, not one slice per row."""
+    out = np.empty((len(offsets), length), dtype=arrays[0].dtype)
+    span = np.arange(length)
+    for shard in np.unique(shard_ids):
+        rows = shard_ids == shard
+        out[rows] = arrays[shard][offsets[rows, None] + span]  # (rows, length)
+    return out
 
 
 class TokenLoader:
@@ -244,8 +253,7 @@ class TokenLoader:
         self.batches_drawn += 1
         shard_ids = np.searchsorted(self._start_ends, mine, side="right")
         offsets = mine - self._start_begins[shard_ids]
-        windows = [self.shards.arrays[s][o : o + self.seq_len + 1] for s, o in zip(shard_ids, offsets)]
-        return _windows_to_batch(np.stack(windows))  # (B, T+1) -> two (B, T)
+        return _windows_to_batch(_gather_windows(self.shards.arrays, shard_ids, offsets, self.seq_len + 1))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

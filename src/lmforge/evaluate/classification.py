@@ -54,9 +54,10 @@ def classification_report(predicted: Sequence[int], actual: Sequence[int], label
     return ClassificationReport(list(labels), correct / max(n, 1), sum(f1s) / max(len(f1s), 1), confusion, n)
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Share of rows whose largest logit (B, n_labels) is the label (B,): the metric training logs."""
-    return (logits.argmax(-1) == labels).float().mean().item()
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Share of rows whose largest logit (B, n_labels) is the label (B,): the metric training logs,
+    a 0-d tensor so that the loop reads it with the step's other figures, in one host transfer."""
+    return (logits.argmax(-1) == labels).float().mean()
 
 
 def classifier_logits(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -70,9 +70,10 @@ class HealthRecorder:
         return torch._foreach_mul([p.detach() for p in self.params], 1.0)
 
     def _per_layer(self, norms: Sequence[Tensor]) -> Tensor:
-        """Per-tensor norms -> per-layer norms (n_groups,), in float64 on the CPU."""
-        squares = torch.stack([n.double() for n in norms]).cpu() ** 2  # (n_params,)
-        return torch.zeros(len(self.groups), dtype=torch.float64).index_add_(0, self.group_of, squares).sqrt()
+        """Per-tensor norms -> per-layer norms (n_groups,), in float64 on the norms' device (no host read)."""
+        squares = torch.stack([n.double() for n in norms]) ** 2  # (n_params,)
+        group_of = self.group_of.to(squares.device)
+        return torch.zeros(len(self.groups), dtype=torch.float64, device=squares.device).index_add_(0, group_of, squares).sqrt()
 
     def measure(self, before: list[Tensor], grad_norm: float, grad_clip: float) -> dict[str, Any]:
         """Per-layer gradient norms (pre-clip) and update/weight ratios of the step just applied.
@@ -90,9 +91,10 @@ class HealthRecorder:
         torch._foreach_sub_(before, weights)  # before - after: the update, negated
         grad_layers = self._per_layer(grads) * unclip
         ratio_layers = self._per_layer(torch._foreach_norm(before)) / self._per_layer(torch._foreach_norm(weights)).clamp_min(1e-12)
+        grad_values, ratio_values = torch.stack((grad_layers, ratio_layers)).tolist()  # one host read
         return {"clipped": clipped,
-                "layer_grad_norm": dict(zip(self.groups, grad_layers.tolist(), strict=True)),
-                "layer_update_ratio": dict(zip(self.groups, ratio_layers.tolist(), strict=True)),
+                "layer_grad_norm": dict(zip(self.groups, grad_values, strict=True)),
+                "layer_update_ratio": dict(zip(self.groups, ratio_values, strict=True)),
                 **self.expert_load()}
 
     def expert_load(self) -> dict[str, Any]:

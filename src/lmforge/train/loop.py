@@ -25,6 +25,10 @@ Design choices:
   files and calls callbacks. The objective receives the model as trained (DDP- and/or
   compile-wrapped) for training and the plain module for evaluation; use
   `distributed.unwrap_model` to reach attributes.
+- One host read per step: the loss, the token count, the gradient norm and the objective's
+  metrics (0-d tensors, kept on the device) come back in one transfer, however many micro-batches
+  the step has; a small model's step is otherwise dominated by the waits and Python around its
+  matmuls (`benchmarks/shakespeare.py` measures the loop against a plain PyTorch one).
 - Order within a step: train, report, evaluate (every eval_every), save (every save_every).
   The last step is evaluated and saved into `out_dir` itself instead.
 """
@@ -160,7 +164,8 @@ class ObjectiveOutput:
 
     loss_sum: Tensor  # scalar, summed over targets
     n_targets: Tensor | int  # number of targets in this micro-batch
-    metrics: dict[str, float] = field(default_factory=dict)  # already-averaged extras for logging
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)  # already-averaged extras for logging;
+    #                                      0-d tensors are read with the step's loss, in one transfer
 
 
 Objective = Callable[[nn.Module, dict[str, Tensor]], ObjectiveOutput]
@@ -220,19 +225,20 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
 ParamGroups = Callable[[nn.Module], list[dict[str, Any]]]
 
 
-def scale_and_clip_(params: Iterable[nn.Parameter], scale: float, max_norm: float) -> float:
+def scale_and_clip_(params: Iterable[nn.Parameter], scale: Tensor | float, max_norm: float) -> Tensor:
     """Multiply the gradients by `scale`, then clip them to total norm `max_norm` (as
     `clip_grad_norm_`), with one multiply of each: the norm is taken before scaling. Each pass over
     the gradients is ~1 GB of memory traffic for GPT-2 small. Returns the norm of the scaled
-    gradients before clipping."""
+    gradients before clipping, as a float64 tensor on the gradients' device: nothing here waits
+    for the device (`scale` may be a tensor too), and the foreach kernels make it two calls
+    whatever the number of parameters."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(dtype) for g in grads])))
-    factor = scale * min(1.0, max_norm / (norm + 1e-6))
-    for g in grads:
-        g.mul_(factor)
+        return torch.zeros((), dtype=torch.float64)
+    raw = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
+    norm = raw * scale
+    factor = scale * (max_norm / (norm + 1e-6)).clamp(max=1.0)  # float64, on the device
+    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
     return norm
 
 
@@ -267,7 +273,25 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`; to a GPU through pinned memory, so the copy runs
+    asynchronously and the host goes on queueing the step's kernels."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _detached(value: Tensor | float) -> Tensor | float:
+    return value.detach().double() if isinstance(value, Tensor) else value
+
+
+def _read_together(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """`values` as floats, the tensors among them copied to the host in one transfer (one wait)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack([v.to(device, torch.float64).reshape(()) for v in tensors.values()])
+        values = {**values, **dict(zip(tensors, stacked.tolist(), strict=True))}
+    return {k: float(v) for k, v in values.items()}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -422,12 +446,14 @@ class _Run:
     # ------------------------------------------------------------------ one step
 
     def _train_step(self) -> dict[str, Any]:
+        """One optimizer step. The host waits for the device once, to read the loss, the token count,
+        the gradient norm and the objective's metrics together (the non-finite guard needs the first
+        three before the update)."""
         cfg, device = self.cfg, self.info.device
         start = time.perf_counter()
         self.ddp.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_targets = torch.zeros((), dtype=torch.float64, device=device)
-        extras: dict[str, float] = {}
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss summed over targets, targets
+        extras: dict[str, Tensor | float] = {}
         for micro in range(cfg.grad_accum):
             batch = _to_device(self.loader.next_batch(), device)
             with maybe_no_sync(self.ddp, sync=micro == cfg.grad_accum - 1):
@@ -435,12 +461,15 @@ class _Run:
                     out = self.objective(self.ddp, batch)
                 out.loss_sum.backward()
             n = torch.as_tensor(out.n_targets, dtype=torch.float64, device=device)
-            loss_sum += out.loss_sum.detach().double()
-            n_targets += n
+            sums += torch.stack((out.loss_sum.detach().double(), n))
             for key, value in out.metrics.items():
-                extras[key] = extras.get(key, 0.0) + float(value) * float(n)
-        total_loss, total_n = all_reduce_sum(torch.stack([loss_sum, n_targets]), self.info).tolist()
-        loss, grad_norm = self._finish_gradients(total_loss, total_n)
+                extras[key] = extras.get(key, 0.0) + _detached(value) * n
+        local_n = sums[1].clone()
+        all_reduce_sum(sums, self.info)
+        # DDP averaged the gradients over ranks; undo that and divide by the global target count instead.
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = scale_and_clip_(self.params, self.info.world_size / sums[1], max_norm)
+        loss, total_n, grad_norm, metrics = self._read_step(sums, local_n, grad_norm, extras)
         lr = lr_at(self.step, cfg)
         kept = str(self.last_checkpoint) if self.last_checkpoint else None
         applied = self.guard.check(loss, grad_norm, self.step + 1, kept)
@@ -460,20 +489,19 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        local_n = float(n_targets)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": total_n / elapsed,
-                "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied, **health,
-                **{k: v / local_n for k, v in extras.items() if local_n > 0}}
+                "step_time_s": elapsed, "n_targets": total_n, "skipped": not applied, **health, **metrics}
 
-    def _finish_gradients(self, total_loss: float, total_n: float) -> tuple[float, float]:
-        """Turn summed gradients into the step's mean and clip; return (loss, pre-clip grad norm)."""
+    def _read_step(self, sums: Tensor, local_n: Tensor, grad_norm: Tensor,
+                   extras: dict[str, Tensor | float]) -> tuple[float, float, float, dict[str, float]]:
+        """(mean loss, global targets, grad norm, this rank's per-target metrics), read in one transfer."""
+        read = _read_together({"loss_sum": sums[0], "n": sums[1], "grad_norm": grad_norm, "local_n": local_n, **extras})
+        loss_sum, total_n, norm, local = (read.pop(k) for k in ("loss_sum", "n", "grad_norm", "local_n"))
+        metrics = {k: v / local for k, v in read.items()} if local > 0 else {}
         if total_n <= 0:
             log.warning("step %d has no target tokens (is every label masked?)", self.step + 1)
-            return math.nan, math.nan
-        # DDP averaged over ranks; undo that and divide by the global target count instead.
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = scale_and_clip_(self.params, self.info.world_size / total_n, max_norm)
-        return total_loss / total_n, grad_norm
+            return math.nan, total_n, math.nan, metrics
+        return loss_sum / total_n, total_n, norm, metrics
 
     # ------------------------------------------------------------------ reporting, eval, save
 

@@ -34,12 +34,14 @@ def moe_aux_loss(model: nn.Module) -> Tensor | None:
 
 
 def _with_aux(model: nn.Module, loss_sum: Tensor, n: Tensor) -> ObjectiveOutput:
-    metrics = {"loss": (loss_sum / n.clamp(min=1)).item()}
+    """The loss plus the MoE load-balancing loss, if any. Metrics stay tensors (no host sync);
+    the loop reads them on the steps it reports, and reports the loss itself."""
+    metrics: dict[str, Tensor | float] = {}
     aux = moe_aux_loss(model)
     if aux is not None:
         coef = unwrap_model(model).config.router_aux_loss_coef
         loss_sum = loss_sum + coef * aux * n
-        metrics["moe_aux"] = aux.item()
+        metrics["moe_aux"] = aux.detach()
     return ObjectiveOutput(loss_sum, n, metrics)
 
 
