@@ -105,3 +105,21 @@ def test_filters_and_exact_match_are_lm_evals():
     for options in ({}, {"ignore_case": True, "ignore_punctuation": True}, {"regexes_to_ignore": ["#", " "]}):
         for pred, ref in cases:
             assert exact_match(pred, ref, **options) == exact_match_hf_evaluate([pred], [ref], **options)["exact_match"]
+
+
+def test_a_continuation_longer_than_the_context_scores_its_last_tokens():
+    import torch
+
+    from lmforge.config import preset
+    from lmforge.evaluate.scorer import Scorer
+    from lmforge.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-llama", vocab_size=50, max_seq_len=16)).eval()
+    tokenizer = type("Tok", (), {"bos_id": 1, "eos_id": 2})()
+    scorer = Scorer(model, tokenizer, batch_size=4)
+    cont = list(range(3, 40))
+    [(logp, _)] = scorer.loglikelihood_tokens([([1, 5], cont)])
+    with torch.no_grad():
+        logits = model(torch.tensor([cont[-17:-1]]))[0].log_softmax(-1)  # the last 16 tokens, each from its window
+    assert logp == pytest.approx(float(logits.gather(-1, torch.tensor(cont[-16:])[:, None]).sum()), abs=1e-4)

@@ -51,20 +51,22 @@ def results_table(results: Sequence[TaskResult]) -> str:
 
 
 def results_json(results: Sequence[TaskResult], config: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's output layout."""
+    """lm-eval's output layout; in a few-shot sweep a task's key is `name|K-shot`."""
+    names = [r.name for r in results]
+    keys = [n if names.count(n) == 1 else f"{n}|{r.num_fewshot}-shot" for n, r in zip(names, results)]
     out: dict[str, Any] = {
-        "results": {r.name: {"alias": r.name, **r.metrics} for r in results},
+        "results": {k: {"alias": k, **r.metrics} for k, r in zip(keys, results)},
         "group_subtasks": _groups(results),
-        "configs": {r.name: r.config for r in results},
-        "versions": {r.name: r.version for r in results},
-        "n-shot": {r.name: r.num_fewshot for r in results},
-        "higher_is_better": {r.name: {k.partition(",")[0]: higher_is_better(k.partition(",")[0])
-                                      for k in r.metrics if "_stderr," not in k} for r in results},
-        "n-samples": {r.name: {"original": r.n_samples, "effective": r.n_samples} for r in results},
+        "configs": {k: r.config for k, r in zip(keys, results)},
+        "versions": {k: r.version for k, r in zip(keys, results)},
+        "n-shot": {k: r.num_fewshot for k, r in zip(keys, results)},
+        "higher_is_better": {k: {m.partition(",")[0]: higher_is_better(m.partition(",")[0])
+                                 for m in r.metrics if "_stderr," not in m} for k, r in zip(keys, results)},
+        "n-samples": {k: {"original": r.n_samples, "effective": r.n_samples} for k, r in zip(keys, results)},
         "config": config,
     }
     if any(r.samples for r in results):
-        out["samples"] = {r.name: r.samples for r in results}
+        out["samples"] = {k: r.samples for k, r in zip(keys, results)}
     return out
 
 

@@ -137,7 +137,9 @@ class Scorer:
             raise LmforgeError("a scoring request has an empty context or continuation after tokenization; "
                                "check the task's templates")
         full = (ctx + cont)[-(self.max_len + 1):]  # left-truncated to the model's context, as lm-eval
-        inp, n = full[:-1], len(cont)
+        # a continuation longer than the context (which lm-eval refuses with an assertion) is scored on
+        # the tokens that fit: its last max_len ones
+        inp, n = full[:-1], min(len(cont), self.max_len)
         return _Row(index, tuple(inp[: len(inp) - n]), inp[len(inp) - n:], full[-n:])
 
     def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
