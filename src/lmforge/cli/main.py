@@ -14,10 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lmforge.cli import infer, train
+from lmforge.cli import data_tools, infer, train
 from lmforge.errors import LmforgeError
 
-VERBS = {**train.VERBS, **infer.VERBS}
+VERBS = {**train.VERBS, **infer.VERBS, **data_tools.VERBS}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

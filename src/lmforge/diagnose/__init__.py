@@ -1,0 +1,1 @@
+"""Diagnosis: what went wrong with a run, its data, its tokenizer or its memory, in plain words and pictures."""
