@@ -57,7 +57,7 @@ def english_tokenizer(corpora, tmp_path_factory):
 
 
 @pytest.fixture
-def cli(capsys):
+def run_verb(capsys):
     """`lmforge ARGS...` in this process (fast): returns (exit status, stdout, stderr)."""
     from lmforge.cli.main import main
 

@@ -61,25 +61,25 @@ def test_perplexity_is_higher_off_distribution(corpora, tiny_lm_dir):
     assert 1 < value < 2 * lm.tokenizer.vocab_size  # a random tiny model: near uniform, finite
 
 
-def test_drift_cli_writes_picture_and_verdict(cli, corpora, english_tokenizer, tmp_path):
-    code, out, err = cli("drift", corpora["english"], corpora["french"], "--tokenizer", english_tokenizer,
+def test_drift_cli_writes_picture_and_verdict(run_verb, corpora, english_tokenizer, tmp_path):
+    code, out, err = run_verb("drift", corpora["english"], corpora["french"], "--tokenizer", english_tokenizer,
                          "--plot", tmp_path / "drift.png")
     assert code == 0, err
     assert "verdict: strong drift" in out
     assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_drift_cli_bad_input(cli, corpora, tmp_path):
+def test_drift_cli_bad_input(run_verb, corpora, tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     cases = [(tmp_path / "missing.txt", "does not exist"), (binary, "not UTF-8"), (empty, "holds no text")]
     for path, message in cases:
-        code, _, err = cli("drift", corpora["english"], path, "--plot", tmp_path / "x.png")
+        code, _, err = run_verb("drift", corpora["english"], path, "--plot", tmp_path / "x.png")
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
-    code, _, err = cli("drift", corpora["english"], corpora["french"], "--tokenizer", tmp_path)
+    code, _, err = run_verb("drift", corpora["english"], corpora["french"], "--tokenizer", tmp_path)
     assert code == 2 and "has no tokenizer.json" in err
-    code, out, _ = cli("drift", "--help")
+    code, out, _ = run_verb("drift", "--help")
     assert code == 0 and "--model" in out and "--tokenizer" in out

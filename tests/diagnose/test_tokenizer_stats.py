@@ -35,10 +35,10 @@ def test_scripts():
     assert [script_of(w) for w in ("chat", "кот", "猫", "123", "été")] == ["LATIN", "CYRILLIC", "CJK", None, "LATIN"]
 
 
-def test_side_by_side_and_cli(cli, corpora, english_tokenizer, tmp_path):
+def test_side_by_side_and_cli(run_verb, corpora, english_tokenizer, tmp_path):
     other = tmp_path / "fr_tok"
     train_tokenizer([corpora["french"]], vocab_size=300).save(other)
-    code, out, err = cli("tokenizer", "stats", english_tokenizer, corpora["english"], corpora["french"],
+    code, out, err = run_verb("tokenizer", "stats", english_tokenizer, corpora["english"], corpora["french"],
                          "--compare", other, "--plot", tmp_path / "stats.png")
     assert code == 0, err
     assert "french.txt" in out and "tokens per word" in out and "longest tokens of" in out
@@ -53,18 +53,18 @@ def test_stats_table_lists_every_file(corpora, english_tokenizer):
     assert sum("bytes," in line for line in lines) == 2
 
 
-def test_stats_cli_bad_input(cli, corpora, english_tokenizer, tmp_path):
-    code, _, err = cli("tokenizer", "stats", tmp_path / "nope", corpora["english"], "--plot", tmp_path / "x.png")
+def test_stats_cli_bad_input(run_verb, corpora, english_tokenizer, tmp_path):
+    code, _, err = run_verb("tokenizer", "stats", tmp_path / "nope", corpora["english"], "--plot", tmp_path / "x.png")
     assert code == 2 and "has no tokenizer.json" in err and err.count("\n") == 1
-    code, _, err = cli("tokenizer", "stats", english_tokenizer, tmp_path / "missing.txt", "--plot", tmp_path / "x.png")
+    code, _, err = run_verb("tokenizer", "stats", english_tokenizer, tmp_path / "missing.txt", "--plot", tmp_path / "x.png")
     assert code == 2 and "does not exist" in err
     bad_json = tmp_path / "rows.jsonl"
     bad_json.write_text('{"text": "fine"}\n{not json\n')
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x81" * 5)
     for path, message in ((bad_json, "rows.jsonl line 2"), (binary, "not UTF-8")):
-        code, _, err = cli("tokenizer", "stats", english_tokenizer, path, "--plot", tmp_path / "x.png")
+        code, _, err = run_verb("tokenizer", "stats", english_tokenizer, path, "--plot", tmp_path / "x.png")
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
-    code, out, _ = cli("tokenizer", "stats", "--help")
+    code, out, _ = run_verb("tokenizer", "stats", "--help")
     assert code == 0 and "--compare" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from lmforge.errors import LmforgeError
 
@@ -100,6 +101,60 @@ def add_tokenizer_stats(verbs: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_tokenizer_stats)
 
 
+# ---------------------------------------------------------------- plan
+
+PLAN_HELP = """Plan the memory of training before anything is allocated: parameters, gradients, AdamW state,
+activations with and without activation checkpointing, the loss buffers and the KV cache per token,
+against this machine's free memory (CPU RAM, or the GPU), with suggestions when it does not fit.
+Give a training recipe (--config) or a model folder with the batch shape. Training verbs run the
+same plan before they start and refuse a run that will not fit (train.check_memory: false skips it)."""
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from lmforge.diagnose.plan import PlanRequest, plan_memory, plot_plan, request_from_recipe
+
+    if args.config:
+        if args.model:
+            raise LmforgeError("give either --config RECIPE or a MODEL folder, not both")
+        from lmforge.cli.flags import read_yaml
+
+        request = request_from_recipe(read_yaml(Path(args.config)))
+    elif args.model:
+        from lmforge.checkpoint import load_model_config
+
+        config = load_model_config(args.model)
+        request = PlanRequest(config, args.batch_size, args.seq_len or config.max_seq_len, args.precision,
+                              args.lora, bits=args.bits, activation_checkpointing=args.activation_checkpointing)
+    else:
+        raise LmforgeError("nothing to plan: pass a MODEL folder (with --batch-size and --seq-len) or --config RECIPE")
+    plan = plan_memory(request)
+    plot_plan(plan, args.plot)
+    print("\n".join(plan.lines()))
+    print(f"wrote {args.plot}")
+
+
+def setup_plan(p: argparse.ArgumentParser) -> None:
+    p.description = PLAN_HELP
+    p.add_argument("model", nargs="?", help="a model folder (lmforge or Hugging Face); only config.json is read")
+    p.add_argument("--config", help="a training recipe (YAML) to plan instead")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's max_seq_len)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"), help="training precision (autocast)")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="train LoRA adapters of rank R instead of every weight")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="a quantized frozen base (with --lora: QLoRA)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="plan with activation checkpointing")
+    p.add_argument("--plot", default="plan.png", help="where to write the picture")
+    p.set_defaults(func=cmd_plan)
+
+
+def refuse_if_too_big(recipe: dict) -> None:
+    """Stop a training verb before it allocates anything when its plan will not fit (see `lmforge plan`)."""
+    from lmforge.diagnose.plan import refuse_if_too_big as check
+
+    check(recipe)
+
+
 VERBS: dict[str, tuple[str, Setup]] = {  # verb -> (one-line help, adds its arguments)
     "drift": ("compare two corpora: token divergence, new tokens, lengths, perplexity; drift.png", setup_drift),
+    "plan": ("plan the memory of a training run (weights, optimizer, activations) against free memory", setup_plan),
 }

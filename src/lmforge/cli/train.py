@@ -68,7 +68,9 @@ def _recipe_setup(name: str, description: str | None = None) -> Setup:
 def _run_recipe(args: argparse.Namespace, sections: dict[str, type], run: Callable[..., Any]) -> Any:
     from lmforge.train.setup import RENAMED_KEYS
 
-    result = run(load_recipe(args, sections, RENAMED_KEYS), progress=True, report=print)
+    recipe = load_recipe(args, sections, RENAMED_KEYS)
+    data_tools.refuse_if_too_big(recipe)
+    result = run(recipe, progress=True, report=print)
     print(result.summary())
     return result
 
