@@ -85,6 +85,7 @@ BENCHMARKS = (
               ("--base-steps", "50", "--sft-steps", "150"), needs="../shared/data/eng-fra/eng-fra.txt"),
     Benchmark("dpo", "examples/align/dpo_polite.py", quick_args=("--steps", "40")),
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
+    Benchmark("diagnose_shift", "examples/diagnose/shift.py", ("--data", "../shared/data"), needs="../shared/data/eng-fra"),
 )
 
 

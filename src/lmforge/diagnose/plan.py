@@ -32,10 +32,12 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,10 +151,29 @@ def _row(label: str, n: int, unit: str = "") -> str:
 # ---------------------------------------------------------------- parameters
 
 
+_INIT_FILLERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "constant_", "trunc_normal_")
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """`torch.nn.init`'s fillers as no-ops while a meta model is built: its values are never read, and
+    the first random fill of a meta tensor loads PyTorch's decompositions (seconds, on every training
+    verb's start). Restored on exit; only `torch.nn.init` is touched, for the length of one build."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FILLERS}
+    try:
+        for name in _INIT_FILLERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, filler in saved.items():
+            setattr(torch.nn.init, name, filler)
+
+
 def _meta_model(config: ModelConfig) -> torch.nn.Module:
+    """The model `config` describes, with shapes and no memory (meta tensors)."""
     from lmforge.models import build_model
 
-    with torch.device("meta"):
+    with torch.device("meta"), _initialisers_skipped():
         return build_model(config)
 
 
@@ -320,12 +341,13 @@ def suggestions(plan: MemoryPlan) -> list[str]:
         tries.append(("bfloat16 autocast (train.precision: bfloat16)", {"precision": "bfloat16"}))
     if not r.lora_rank:
         tries.append(("LoRA adapters instead of every weight (--lora.rank 8)", {"lora_rank": 8}))
-    if r.lora_rank and not r.bits:
-        tries.append(("a 4-bit frozen base (QLoRA)", {"bits": 4}))
+    if not r.bits:
+        tries.append(("LoRA on a 4-bit frozen base (QLoRA)", {"bits": 4, "lora_rank": r.lora_rank or 8}))
     out, combined, names = [], r, []
     for text, change in tries:
         single = _replanned(plan, dataclasses.replace(r, **change))
-        out.append(f"{text}: {_gib(single.total)}{' (fits)' if single.fits else ''}")
+        if single.total < plan.total:  # a change that does not help (e.g. checkpointing when gradients dominate) is left out
+            out.append(f"{text}: {_gib(single.total)}{' (fits)' if single.fits else ''}")
         combined, names = dataclasses.replace(combined, **change), [*names, text.split(" (")[0]]
         together = _replanned(plan, combined)
         if len(names) > 1 and together.fits and not any(s.endswith("(fits)") for s in out):
