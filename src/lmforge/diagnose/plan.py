@@ -124,7 +124,7 @@ class MemoryPlan:
         training = f"LoRA rank {r.lora_rank}" if r.lora_rank else "full fine-tuning"
         out = [f"{self.n_params / 1e6:,.1f}M parameters ({self.n_trainable / 1e6:,.2f}M trained: {training}); "
                f"micro-batch {r.batch_size} x {r.seq_len} tokens, {r.precision}, {base}",
-               _row("weights", self.weights), _row("gradients", self.gradients),
+               _row("weights", self.weights), _row("gradients (held within the peak below)", self.gradients),
                _row("optimizer state (AdamW)", self.optimizer), _row("output layer + loss buffers", self.loss_buffers),
                _row(f"activations (checkpointing {ac})", self.activations),
                _row("backward peak (activations + gradients in flight)", self.backward_peak),
@@ -216,10 +216,12 @@ def _tiny(config: ModelConfig, dim: int, hidden: int, head: int) -> ModelConfig:
                                max_seq_len=max(config.max_seq_len, 64), sliding_window=config.sliding_window)
 
 
-def _traced_bytes(config: ModelConfig, seq_len: int, precision: str) -> tuple[int, int]:
-    """Bytes one block of a 1-layer `config` model saves for backward on one sequence, and its input's bytes."""
+def _traced_bytes(config: ModelConfig, seq_len: int, precision: str) -> int:
+    """Bytes the block of a 1-layer `config` model saves for backward on one sequence (its weights, and
+    the rotary angles and mask every block shares, left out)."""
     from lmforge.models import build_model
     from lmforge.models.gpt import default_positions
+    from lmforge.models.layers import attention_mask
     from lmforge.train.loop import autocast_for
 
     torch.manual_seed(0)
@@ -229,7 +231,8 @@ def _traced_bytes(config: ModelConfig, seq_len: int, precision: str) -> tuple[in
     positions = default_positions(ids)
     x = torch.randn(1, seq_len, config.dim, requires_grad=True)
     rope = model.positions.angles(positions)
-    mask = model._mask(positions, None, None, None) if hasattr(model, "_mask") and config.kind == "decoder" else None
+    window = config.sliding_window if config.kind == "decoder" else None
+    mask = attention_mask(positions, positions, causal=True, window=window) if window else None  # as the model builds it
     shared = {t.untyped_storage()._cdata for t in [*block.parameters(), *(rope or ()), *([mask] if mask is not None else [])]}
     weight_shapes = {tuple(p.shape) for p in block.parameters() if p.dim() >= 2}
     saved: dict[int, int] = {}
@@ -242,7 +245,7 @@ def _traced_bytes(config: ModelConfig, seq_len: int, precision: str) -> tuple[in
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_for(precision, torch.device("cpu")):
         block(x, rope, mask)
-    return sum(saved.values()), x.numel() * x.element_size()
+    return sum(saved.values())
 
 
 def block_activation_bytes(config: ModelConfig, batch_size: int, seq_len: int, precision: str) -> int:
@@ -257,12 +260,12 @@ def _activation_coefficients(config_json: str, precision: str) -> tuple[float, f
     config = ModelConfig(**json.loads(config_json))
     d0, h0, k0, t0 = 8, 8, 4, 16
     base = _tiny(config, d0, h0, k0)
-    s0, s1 = _traced_bytes(base, t0, precision)[0], _traced_bytes(base, 2 * t0, precision)[0]
+    s0, s1 = _traced_bytes(base, t0, precision), _traced_bytes(base, 2 * t0, precision)
     quad = (s1 - 2 * s0) / (2 * t0 * t0)  # s(T) = a T + c T^2
     per_token = (s0 - quad * t0 * t0) / t0
     for widths, real, step in (((2 * d0, h0, k0), config.dim, d0), ((d0, 2 * h0, k0), config.hidden_dim, h0),
                                ((d0, h0, 2 * k0), config.head_dim, k0)):
-        grown = _traced_bytes(_tiny(config, *widths), t0, precision)[0]
+        grown = _traced_bytes(_tiny(config, *widths), t0, precision)
         per_token += (grown - s0) / t0 / step * (real - step)
     return per_token, quad
 
@@ -293,7 +296,7 @@ def plan_memory(request: PlanRequest, free: int | None = None, device: str | Non
         loss_buffers += head + (0 if config.tie_embeddings else head)  # + the embedding's gradient, if its own
 
     def peak(checkpointed: bool) -> tuple[int, int]:
-        """(activations saved by the forward, the backward's peak), block by block from the top."""
+        """(activations the forward saves, the step's peak above weights, optimizer and loss buffers)."""
         L, kept = config.n_layers, block_input if checkpointed else per_block  # held by each block until its backward
         held = max(L * kept, kept + (L - 1) * block_grads)  # at the first block's backward, or at the last's
         transient = per_block // 4 + block_grads  # one block's backward: gradients of its intermediates and weights
