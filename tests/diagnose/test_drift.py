@@ -83,3 +83,12 @@ def test_drift_cli_bad_input(run_verb, corpora, tmp_path):
     assert code == 2 and "has no tokenizer.json" in err
     code, out, _ = run_verb("drift", "--help")
     assert code == 0 and "--model" in out and "--tokenizer" in out
+
+
+def test_drift_cli_with_a_model_reports_perplexity(run_verb, corpora, tiny_lm_dir, tmp_path):
+    code, out, err = run_verb("drift", corpora["english"], corpora["french"], "--model", tiny_lm_dir,
+                              "--plot", tmp_path / "drift.png")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("perplexity")).split()
+    assert len(row) == 3 and all(float(v) > 1 for v in row[1:])
+    assert "verdict:" in out.splitlines()[-2]  # counted in the model's tokens
