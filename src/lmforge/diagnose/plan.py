@@ -403,7 +403,10 @@ def refuse_if_too_big(recipe: dict) -> MemoryPlan | None:
     """Raise a one-line LmforgeError when the recipe's plan exceeds free memory (unless train.check_memory is false)."""
     if not (recipe.get("train") or {}).get("check_memory", True):
         return None
-    plan = plan_memory(request_from_recipe(recipe))
+    try:
+        plan = plan_memory(request_from_recipe(recipe))
+    except LmforgeError:
+        return None  # a recipe that cannot be planned is one the verb refuses itself, in its own words
     if not plan.fits:
         raise LmforgeError(f"this run needs about {_gib(plan.total)} at the peak of a step but {_gib(plan.free)} is free on "
                            f"{plan.device}; " + "; ".join(plan.suggestions)
