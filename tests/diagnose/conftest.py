@@ -70,3 +70,8 @@ def run_verb(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Tiny models run fastest on one thread, and far faster when other processes share the cores."""
