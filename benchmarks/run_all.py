@@ -90,6 +90,7 @@ BENCHMARKS = (
     Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
     Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2"),
               ("--sentiment-steps", "30"), needs="../shared/data/sst2"),
+    Benchmark("diagnose_shift", "examples/diagnose/shift.py", ("--data", "../shared/data"), needs="../shared/data/eng-fra"),
 )
 
 

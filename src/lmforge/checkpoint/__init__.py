@@ -5,15 +5,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.checkpoint.hf import is_hf_folder, load_hf, save_hf
+from lmforge.checkpoint.hf import config_from_hf, is_hf_folder, load_hf, save_hf
 from lmforge.checkpoint.io import first_float_dtype, read_json, weight_files
-from lmforge.checkpoint.native import is_native_folder, load_native, save_native
+from lmforge.checkpoint.native import is_native_folder, load_config, load_native, save_native
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """Load an lmforge checkpoint folder or a Hugging Face folder, telling them apart by config.json."""
+    folder = _model_folder(path)
+    return load_native(folder) if is_native_folder(folder) else load_hf(folder)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The architecture of an lmforge or Hugging Face model folder, without reading its weights."""
+    folder = _model_folder(path)
+    return load_config(folder) if is_native_folder(folder) else config_from_hf(read_json(folder / "config.json"), folder / "config.json")
+
+
+def _model_folder(path: str | Path) -> Path:
+    """`path` checked to be an lmforge or Hugging Face model folder, with a one-line error otherwise."""
     folder = Path(path)
     if not folder.exists():
         raise LmforgeError(f"{folder} does not exist; pass a run folder (e.g. runs/quickstart) or a Hugging Face model folder")
@@ -21,11 +33,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
         raise LmforgeError(f"{folder} is a file; pass the folder that holds config.json and the weights")
     if not (folder / "config.json").is_file():
         raise LmforgeError(f"{folder} has no config.json; is it a model folder (lmforge run or Hugging Face download)?")
-    if is_native_folder(folder):
-        return load_native(folder)
-    if is_hf_folder(folder):
-        return load_hf(folder)
-    raise LmforgeError(f"{folder}/config.json is neither an lmforge config nor a Hugging Face one (no model_type)")
+    if not (is_native_folder(folder) or is_hf_folder(folder)):
+        raise LmforgeError(f"{folder}/config.json is neither an lmforge config nor a Hugging Face one (no model_type)")
+    return folder
 
 
 def float_dtype(name: str, source: str = "dtype") -> torch.dtype:
@@ -51,4 +61,4 @@ def stored_dtype(folder: str | Path) -> torch.dtype:
     return next((d for d in found if d is not None), torch.float32)
 
 
-__all__ = ["float_dtype", "load_hf", "load_model", "load_native", "save_hf", "save_native", "stored_dtype"]
+__all__ = ["float_dtype", "load_hf", "load_model", "load_model_config", "load_native", "save_hf", "save_native", "stored_dtype"]

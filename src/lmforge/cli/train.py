@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmforge.cli import data_tools
 from lmforge.cli.flags import add_config_flags, load_recipe
 from lmforge.errors import LmforgeError
 
@@ -67,7 +68,9 @@ def _recipe_setup(name: str, description: str | None = None) -> Setup:
 def _run_recipe(args: argparse.Namespace, sections: dict[str, type], run: Callable[..., Any]) -> Any:
     from lmforge.train.setup import RENAMED_KEYS
 
-    result = run(load_recipe(args, sections, RENAMED_KEYS), progress=True, report=print)
+    recipe = load_recipe(args, sections, RENAMED_KEYS)
+    data_tools.refuse_if_too_big(recipe)
+    result = run(recipe, progress=True, report=print)
     print(result.summary())
     return result
 
@@ -137,6 +140,7 @@ def setup_tokenizer(p: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=int, required=True, help="256 = pure byte tokenizer")
     t.add_argument("--out", required=True, help="output folder (tokenizer.json, tokenizer_config.json)")
     t.set_defaults(func=cmd_tokenizer_train)
+    data_tools.add_tokenizer_stats(verbs)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -191,7 +195,7 @@ def setup_lora(p: argparse.ArgumentParser) -> None:
 
 VERBS: dict[str, tuple[str, Setup]] = {  # verb -> (one-line help, adds its arguments)
     "quickstart": ("the main job: tokenizer + small model on stdlib source, then samples", setup_quickstart),
-    "tokenizer": ("tokenizer tools (train)", setup_tokenizer),
+    "tokenizer": ("tokenizer tools (train, stats)", setup_tokenizer),
     "prepare": ("tokenize text into shards with an evaluation split", setup_prepare),
     "pretrain": ("self-supervised pretraining (next-token, or masked-token for encoders)", _recipe_setup("pretrain")),
     "sft": ("supervised fine-tuning on conversations or instructions (assistant tokens only)",

@@ -1,1 +1,1 @@
-"""Diagnosis: what went wrong in a run or a model, in plain words and pictures (`lmforge doctor`, `attention`)."""
+"""Diagnosis: what went wrong with a run, a model, its data, its tokenizer or its memory, in plain words and pictures."""

@@ -18,6 +18,7 @@ from lmforge.models.cpu_ops import Linear
 from lmforge.models.gpt import default_positions
 from lmforge.models.layers import (
     Attention,
+    Blocks,
     Rope,
     attention_mask,
     init_weights,
@@ -66,7 +67,7 @@ class Bert(nn.Module):
         self.type_embed = nn.Embedding(max(config.type_vocab_size, 1), config.dim)
         self.embed_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(PostNormBlock(config, i) for i in range(config.n_layers))
+        self.layers = Blocks(PostNormBlock(config, i) for i in range(config.n_layers))
         self.pooler = Linear(config.dim, config.dim) if config.pooler else None
         self.head = MaskedLMHead(config) if config.mlm_head else nn.Identity()
         init_weights(self, config)
@@ -88,11 +89,7 @@ class Bert(nn.Module):
         x = self.positions.add(self.embed(input_ids) + self.type_embed(types), positions)
         x = self.drop(self.embed_norm(x))  # (B, T, dim)
         mask = self._mask(positions, attention_mask)
-        states = [x]
-        for layer in self.layers:
-            x = layer(x, None, mask)
-            states.append(x)
-        return states
+        return self.layers.run(x, None, mask)
 
     def forward(
         self,

@@ -24,6 +24,7 @@ from lmforge.models.cpu_ops import Linear, TiedGradient, embedding, linear_cross
 from lmforge.models.kv_cache import CacheView
 from lmforge.models.layers import (
     Block,
+    Blocks,
     attention_mask,
     init_weights,
     make_embedding_scale,
@@ -47,7 +48,7 @@ class GPT(nn.Module):
         self.embed_scale = make_embedding_scale(config)
         self.positions = make_positions(config)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = Blocks(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         init_weights(self, config)
@@ -77,11 +78,8 @@ class GPT(nn.Module):
         x = self.drop(self.positions.add(tokens, positions))  # (B, T, dim)
         rope = self.positions.angles(positions)
         mask = self._mask(positions, attention_mask, document_ids, cache)
-        states = [x]
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache)
-            states.append(x)
-        states[-1] = self.norm(x)
+        states = self.layers.run(x, rope, mask, cache)
+        states[-1] = self.norm(states[-1])
         if cache is not None:
             cache.commit()
         return states

@@ -28,8 +28,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.models import kernels
 from lmforge.models.cpu_ops import Linear, gelu
 from lmforge.models.kv_cache import CacheView
@@ -391,6 +393,40 @@ class Block(nn.Module):
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache=None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class Blocks(nn.ModuleList):
+    """The stack of blocks and the one loop over them (`run`), shared by every model.
+
+    With `checkpointed` set (`train.activation_checkpointing`), each block keeps only its input
+    for the backward pass and recomputes its activations from it when gradients are computed
+    (`torch.utils.checkpoint`, non-reentrant, random state preserved so dropout repeats): the
+    saved activations shrink from every intermediate of every block to one residual stream per
+    block, for about one more forward pass of compute. It applies only while gradients are
+    recorded and without a KV cache. Each block stays its own module call, so per-block wrappers
+    (FSDP2's `fully_shard`, hooks) see the recomputation as an ordinary second forward.
+    """
+
+    checkpointed: bool = False
+
+    def run(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: CacheView | None = None) -> list[Tensor]:
+        """The residual stream before and after every block: [x, block_0(x), ...]."""
+        recompute = self.checkpointed and torch.is_grad_enabled() and cache is None
+        states = [x]
+        for block in self:
+            x = checkpoint(block, x, rope, mask, use_reentrant=False) if recompute else block(x, rope, mask, cache)
+            states.append(x)  # (B, T, dim)
+        return states
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Turn activation checkpointing on (or off) for every block stack in `model` (heads and wrappers included)."""
+    stacks = [m for m in model.modules() if isinstance(m, Blocks)]
+    if not stacks:
+        raise LmforgeError(f"{type(model).__name__} has no lmforge block stack; "
+                           "train.activation_checkpointing needs a model built by lmforge")
+    for stack in stacks:
+        stack.checkpointed = on
 
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:

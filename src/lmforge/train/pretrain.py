@@ -41,7 +41,8 @@ def objective_for(model: nn.Module, tokenizer: Tokenizer) -> Objective:
     return masked_lm(mask_id, config.vocab_size, specials)
 
 
-def _model_config(values: dict[str, Any], tokenizer: Tokenizer) -> ModelConfig:
+def model_config_for(values: dict[str, Any], tokenizer: Tokenizer) -> ModelConfig:
+    """The `model:` section completed with the tokenizer's vocabulary size and special ids."""
     return model_config(values, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                         pad_id=tokenizer.pad_id)
 
@@ -54,7 +55,7 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
         raise LmforgeError("data.shards is not set; run `lmforge prepare` and pass its --out folder")
     shards_dir = Path(data.shards)
     tokenizer = Tokenizer.from_dir(data.tokenizer or shards_dir / "tokenizer")
-    config = _model_config(model_values, tokenizer)
+    config = model_config_for(model_values, tokenizer)
     seq_len = context_length(data.seq_len, config.max_seq_len)
     train_shards, val_shards = TokenShards.open(shards_dir, "train"), TokenShards.open(shards_dir, "val")
     for shards in (train_shards, val_shards):
@@ -77,4 +78,4 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
     return setup.RunResult(run.fit(model, objective_for(model, tokenizer), setup.RunIO(tokenizer), loader, eval_batches))
 
 
-__all__ = ["PRETRAIN_SECTIONS", "objective_for", "run_pretrain"]
+__all__ = ["PRETRAIN_SECTIONS", "model_config_for", "objective_for", "run_pretrain"]

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from lmforge.train.loop import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -108,13 +106,27 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 Curve = tuple[Sequence[Sequence[float]], str, str]  # (step, value) points, matplotlib style, label
 
 
-def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str) -> None:
-    """Draw each curve's values against step into the PNG `path` (written atomically)."""
+def new_figure(size: tuple[float, float]) -> Any:
+    """A matplotlib Figure drawn off-screen (no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5), dpi=100)
+    fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out `fig` and write it to the PNG `path` atomically (a reader never sees half a picture)."""
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str) -> None:
+    """Draw each curve's values against step into the PNG `path` (written atomically)."""
+    fig = new_figure((8, 5))
     ax = fig.add_subplot()
     for points, style, label in curves:
         if points:
@@ -124,14 +136,6 @@ def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str)
     if any(points for points, _, _ in curves):
         ax.legend()
     save_figure(fig, path)
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Lay out `fig` and write it to the PNG `path` atomically (a temporary name, then a rename)."""
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
 
 
 def plot_losses(
