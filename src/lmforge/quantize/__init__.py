@@ -26,7 +26,7 @@ from lmforge.checkpoint.native import WEIGHTS_FILE, load_config, save_native
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.models.surgery import matches, swap_module
-from lmforge.quantize.linear import QuantLinear, check_settings
+from lmforge.quantize.linear import QuantLinear, check_settings, check_width
 
 QUANT_CONFIG, QUANT_FORMAT = "quantization.json", "lmforge-quant"
 
@@ -42,6 +42,8 @@ def quantize_model(
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, list(skip))]
     if not names:
         raise LmforgeError(f"no linear layer is left to quantize after skipping {list(skip)}; shorten the skip list")
+    for name in names:  # every width is checked before any layer is swapped
+        check_width(model.get_submodule(name).in_features, bits, group_size, name)
     for name in names:
         swap_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
     return model
