@@ -53,6 +53,19 @@ def quantized_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
+def quantization_of(model: nn.Module) -> dict[str, int] | None:
+    """`{"bits", "group_size"}` of the model's quantized layers; None when it has none."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    return None if layer is None else {"bits": layer.bits, "group_size": layer.group_size}
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every QuantLinear for a float `Linear` holding its dequantized weight, in place; returns `model`."""
+    for name in quantized_layers(model):
+        swap_module(model, name, model.get_submodule(name).to_linear())
+    return model
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes the model stores: parameters and persistent buffers, tied tensors counted once."""
     return sum(t.numel() * t.element_size() for t in unique_state(model).values())
@@ -96,9 +109,11 @@ def load_quantized(folder: str | Path) -> nn.Module:
 
 __all__ = [
     "QuantLinear",
+    "dequantize_model",
     "is_quantized_folder",
     "load_quantized",
     "model_bytes",
+    "quantization_of",
     "quantize_model",
     "quantized_layers",
     "save_quantized",

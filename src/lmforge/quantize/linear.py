@@ -18,7 +18,9 @@ Design choices:
   weights directly: a step streams a quarter (int8) or an eighth (int4) of the float bytes
   (`benchmarks/decode.py` measures it). Everything else (prefill, training, no compiler)
   dequantises the weight and runs an ordinary matmul in the input's dtype. Both agree to float32
-  rounding (`tests/models/test_quant_kernels.py`).
+  rounding (`tests/models/test_quant_kernels.py`). When the input needs a gradient (QLoRA trains
+  adapters around a frozen QuantLinear) the backward dequantises the weight again instead of
+  keeping the float copy alive until then: only the packed weights stay resident.
 - `QuantLinear` is linear-like (`in_features`, `out_features`, `bias`, `dequantize()`), so
   LoRA can wrap it as a frozen base (QLoRA).
 """
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.models import kernels
+from lmforge.models.cpu_ops import Linear
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -105,6 +108,22 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the layer
 
 
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """x @ dequantize(W).T + b with a gradient for x only; the float weight is formed again in the
+    backward rather than saved, so training on a quantized base keeps only the packed weights."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return F.linear(x, layer.dequantize().to(x.dtype), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequantize(W).T + b, with W stored as int8 rows or packed int4 groups (all buffers)."""
 
@@ -146,6 +165,16 @@ class QuantLinear(nn.Module):
             return dequantize_int8(self.qweight, self.scales)
         return dequantize_int4(self.qweight, self.scales, self.zeros)
 
+    def to_linear(self) -> Linear:
+        """A float32 `Linear` (frozen) holding the dequantized weight and the bias."""
+        weight = self.dequantize()
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain.requires_grad_(False)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
         if (0 < rows <= _NATIVE_ROWS and x.dtype == torch.float32 and x.is_cpu
@@ -155,6 +184,8 @@ class QuantLinear(nn.Module):
             parts = [native.gemv_quant(flat[i : i + kernels.MAX_ROWS], self.qweight, self.scales, self.zeros,
                                        self.bias, self.bits, self.group_size) for i in range(0, rows, kernels.MAX_ROWS)]
             return torch.cat(parts).view(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantMatmul.apply(x, self)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
