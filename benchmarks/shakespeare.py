@@ -19,7 +19,21 @@ import yaml
 
 from lmforge.data import prepare
 from lmforge.tokenizer import train_tokenizer
+from lmforge.train.loop import TrainResult
 from lmforge.train.pretrain import run_pretrain
+
+
+def train_char_model(data: str, steps: int, work: Path) -> TrainResult:
+    """Train the byte-level char model of configs/shakespeare-char.yaml on `data` for `steps` steps
+    in `work` (tokenizer in work/tok, shards in work/data, the run in work/run)."""
+    tok = train_tokenizer([data], 256)  # pure bytes: char-level for ASCII
+    tok.save(work / "tok")
+    prepare([data], tok, work / "data", val_fraction=0.1)  # the last 10% of the file
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml").read_text())
+    recipe["out_dir"] = str(work / "run")
+    recipe["data"].update(shards=str(work / "data"), tokenizer=str(work / "tok"))
+    recipe["train"].update(steps=steps, eval_batches=200, resume="never")
+    return run_pretrain(recipe, progress=True).train
 
 
 def main() -> None:
@@ -29,15 +43,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     start = time.monotonic()
-    work = Path(args.out_dir or tempfile.mkdtemp(prefix="shakespeare-"))
-    tok = train_tokenizer([args.data], 256)  # pure bytes: char-level for ASCII
-    tok.save(work / "tok")
-    prepare([args.data], tok, work / "data", val_fraction=0.1)  # the last 10% of the file
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml").read_text())
-    recipe["out_dir"] = str(work / "run")
-    recipe["data"].update(shards=str(work / "data"), tokenizer=str(work / "tok"))
-    recipe["train"].update(steps=args.steps, eval_batches=200, resume="never")
-    result = run_pretrain(recipe, progress=True).train
+    result = train_char_model(args.data, args.steps, Path(args.out_dir or tempfile.mkdtemp(prefix="shakespeare-")))
     bpb = result.final_eval["eval_bpb"]
     print(f"validation: {result.final_eval['eval_loss']:.3f} nats/token, {bpb:.3f} bits/byte (nanoGPT: 2.71)")
     print(f"val_bpb={bpb:.3f} wall_s={time.monotonic() - start:.0f}")

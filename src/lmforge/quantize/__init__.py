@@ -59,6 +59,12 @@ def quantization_of(model: nn.Module) -> dict[str, int] | None:
     return None if layer is None else {"bits": layer.bits, "group_size": layer.group_size}
 
 
+def quantization_name(model: nn.Module) -> str | None:
+    """"int8" / "int4" for a model with quantized layers, None for a float one (`/v1/models` reports it)."""
+    quantization = quantization_of(model)
+    return None if quantization is None else f"int{quantization['bits']}"
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Swap every QuantLinear for a float `Linear` holding its dequantized weight, in place; returns `model`."""
     for name in quantized_layers(model):
@@ -113,6 +119,7 @@ __all__ = [
     "is_quantized_folder",
     "load_quantized",
     "model_bytes",
+    "quantization_name",
     "quantization_of",
     "quantize_model",
     "quantized_layers",
