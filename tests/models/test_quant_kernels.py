@@ -39,31 +39,35 @@ def quantized(n: int, k: int, bits: int, group_size: int, seed: int = 0) -> Quan
     return QuantLinear.from_linear(nn.Linear(k, n), bits, group_size)
 
 
-def native_forward(native, layer: QuantLinear, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+def native_forward(native, layer: QuantLinear, x: torch.Tensor, bias: bool = True, avx2_only: bool = False) -> torch.Tensor:
     return native.gemv_quant(x, layer.qweight, layer.scales, layer.zeros, layer.bias if bias else None,
-                             layer.bits, layer.group_size)
+                             layer.bits, layer.group_size, avx2_only)
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])  # the widest ISA here (AVX-512 where present), and AVX2
 @pytest.mark.parametrize("rows", range(1, kernels.MAX_ROWS + 1))
 @pytest.mark.parametrize(("bits", "group_size"), FORMATS)
-def test_kernel_matches_dequantize_then_matmul(native, rows, bits, group_size):
-    # widths: int8 not a multiple of the 8-wide vectors; int4 three groups; outputs past every tile shape
-    k = 37 if bits == 8 else 3 * group_size
-    for n in (1, 13, 203):
-        layer = quantized(n, k, bits, group_size, seed=rows)
-        x = torch.randn(rows, k)
-        weight = layer.dequantize()
-        assert_close(native_forward(native, layer, x), F.linear(x, weight, layer.bias), atol=2e-5, rtol=1e-5)
-        assert_close(native_forward(native, layer, x, bias=False), F.linear(x, weight), atol=2e-5, rtol=1e-5)
+def test_kernel_matches_dequantize_then_matmul(native, rows, bits, group_size, avx2_only):
+    # widths: int8 not a multiple of the 8- or 16-wide vectors; int4 three groups; outputs past every tile shape
+    for k in ((37, 100) if bits == 8 else (3 * group_size,)):
+        for n in (1, 13, 203):
+            layer = quantized(n, k, bits, group_size, seed=rows)
+            x = torch.randn(rows, k)
+            weight = layer.dequantize()
+            got = native_forward(native, layer, x, avx2_only=avx2_only)
+            assert_close(got, F.linear(x, weight, layer.bias), atol=2e-5, rtol=1e-5)
+            got = native_forward(native, layer, x, bias=False, avx2_only=avx2_only)
+            assert_close(got, F.linear(x, weight), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("avx2_only", [False, True])
 @pytest.mark.parametrize(("bits", "group_size"), [(8, 64), (4, 32)])
-def test_a_row_does_not_depend_on_its_batch(native, bits, group_size):
+def test_a_row_does_not_depend_on_its_batch(native, bits, group_size, avx2_only):
     layer = quantized(301, 256, bits, group_size)
     x = torch.randn(8, 256)
-    together = native_forward(native, layer, x)
+    together = native_forward(native, layer, x, avx2_only=avx2_only)
     for i in range(8):  # bitwise: every output is summed in the same order whatever the tile
-        assert torch.equal(native_forward(native, layer, x[i : i + 1]), together[i : i + 1])
+        assert torch.equal(native_forward(native, layer, x[i : i + 1], avx2_only=avx2_only), together[i : i + 1])
 
 
 def test_kernel_rejects_what_it_cannot_read(native):
@@ -74,6 +78,9 @@ def test_kernel_rejects_what_it_cannot_read(native):
         native_forward(native, layer, torch.randn(1, 32))
     with pytest.raises(ValueError, match="groups of 48 must divide the width 64"):
         native.gemv_quant(torch.randn(1, 64), layer.qweight, layer.scales, layer.zeros, None, 4, 48)
+    with pytest.raises(ValueError, match="a multiple of 32"):
+        native.gemv_quant(torch.randn(1, 64), layer.qweight, layer.scales[:, :1].repeat(1, 4).contiguous(),
+                          layer.zeros[:, :1].repeat(1, 4).contiguous(), None, 4, 16)
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(8, 64), (4, 64)])
