@@ -2,7 +2,8 @@
 ways: the whole model (float32, AdamW), LoRA on the float32 base, and LoRA on the base quantized
 to int8 and to int4 (QLoRA, `--finetune.bits 8|4`).
 
-SmolLM-135M's shape with random weights, batch 2 x 64 tokens, LoRA rank 16 on every attention and
+SmolLM-135M's shape with random weights (`--layers` of its 30 blocks: fewer on a slow host),
+batch 2 x 64 tokens, LoRA rank 16 on every attention and
 MLP projection, AdamW on what is trained, the causal-LM loss (the model's fused output projection
 + cross-entropy). Each mode runs in its own process. Peak memory is the process's peak resident
 set during the training steps: the kernel's high-water mark (VmHWM) is reset
@@ -11,7 +12,7 @@ need, the resident weights included. Step time is the median over `--steps` step
 warm-up step. A QLoRA step dequantizes each frozen layer in its forward and again in its
 backward (rather than keeping float copies alive), so it trades time for memory.
 
-    python benchmarks/qlora_memory.py --steps 3
+    python benchmarks/qlora_memory.py --steps 3 [--layers 30]
     # last line: full_mib=A lora_mib=B qlora8_mib=C qlora4_mib=D full_step_s=... lora_step_s=... qlora8_step_s=...
     #            qlora4_step_s=... qlora4_mem_vs_lora=M qlora4_mem_vs_full=F qlora4_time_vs_lora=T
 """
@@ -45,10 +46,10 @@ def peak_rss_mib() -> float:
     raise SystemExit("qlora_memory.py reads /proc/self/status (Linux) for peak memory")
 
 
-def one_mode(mode: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+def one_mode(mode: str, steps: int, batch: int, seq: int, layers: int) -> dict[str, float]:
     """Build the model for `mode`, train `steps` + 1 steps, return peak MiB and median step seconds."""
     torch.manual_seed(0)
-    model = build_model(preset("smollm-135m"))
+    model = build_model(preset("smollm-135m", n_layers=layers))
     if mode.startswith("qlora"):
         quantize_model(model, int(mode[5:]), 64)
     if mode != "full":
@@ -74,15 +75,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=30, help="blocks of SmolLM-135M's 30 to keep")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: one mode in this process
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(one_mode(args.mode, args.steps, args.batch, args.seq)))
+        print(json.dumps(one_mode(args.mode, args.steps, args.batch, args.seq, args.layers)))
         return
     results = {}
     for mode in MODES:
         command = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq)]
+                   "--seq", str(args.seq), "--layers", str(args.layers)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
         r = results[mode]
