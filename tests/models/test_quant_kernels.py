@@ -4,8 +4,6 @@ replaced by the dequantizing path where the kernels are not built."""
 
 from __future__ import annotations
 
-import platform
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -20,18 +18,7 @@ from lmforge.models import build_model, kernels
 from lmforge.quantize import quantize_model
 from lmforge.quantize.linear import QuantLinear
 
-BUILDABLE = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
-             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 FORMATS = [(8, 64), (4, 32), (4, 64), (4, 128)]
-
-
-@pytest.fixture
-def native():
-    if not BUILDABLE:
-        pytest.skip("the kernels need an x86-64 CPU with AVX2 and a C compiler")
-    built = kernels.native()
-    assert built is not None, "a C compiler and AVX2 are here, so the kernels must build"
-    return built
 
 
 def quantized(n: int, k: int, bits: int, group_size: int, seed: int = 0) -> QuantLinear:
