@@ -6,6 +6,12 @@ once, so tokens/s can be at most bandwidth / weight bytes (x batch). Bandwidth i
 in this run with a streaming matrix-vector product over a ~1 GB matrix, timed in alternation
 with the generators (median), since it drifts on a shared host.
 
+The same lmforge model quantized to int8 (per-channel) and int4 (groups of 64), every linear
+layer including the output projection (`quantize_model(..., skip=())`: with a float head, its
+vocabulary-sized matrix would be most of what a step reads), decoded by the native int8 / int4
+kernels, in the same alternation. Their bound counts the bytes a step reads: the packed weights
+with their scales and zero points, and the float tensors but the token embedding (one row read).
+
 Then speculative decoding against plain greedy decoding on the same GPT-2-shaped target, batch 1.
 Random weights give no trained small model to draft with, so the draft is the target's own first
 `--draft-layers` blocks with its embeddings, final norm and head (the "early exit" draft of
@@ -19,6 +25,9 @@ the models and the text. The output is checked to be the plain greedy output, to
     python benchmarks/decode.py            # last line: ratio=R lmforge_tok_s=A hf_tok_s=B lmforge_of_bound=F
                                            # hf_of_bound=G (GPT-2, batch 1), then ratio_gpt2_b8=...
                                            # ratio_smollm_b1=... ratio_smollm_b8=... (lmforge / transformers),
+                                           # int8_ratio=R8 int4_ratio=R4 (GPT-2, batch 1: int8 / int4 tok/s over
+                                           # lmforge float32 tok/s), int8_ratio_smollm=... int4_ratio_smollm=...,
+                                           # int8_of_bound=... int4_of_bound=... (GPT-2, batch 1),
                                            # spec_speedup=S spec_acceptance=P spec_tok_s=C greedy_tok_s=G
     LMFORGE_NATIVE=0 python benchmarks/decode.py   # the same without the native decode kernels (oneDNN, PyTorch attention)
 """
@@ -26,6 +35,7 @@ the models and the text. The output is checked to be the plain greedy output, to
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -39,6 +49,7 @@ from torch import nn
 from lmforge.checkpoint import load_model
 from lmforge.generate.engine import Engine, Request, SpeculationStats, speculative_stream
 from lmforge.models import build_model, kernels
+from lmforge.quantize import model_bytes, quantize_model
 
 
 def bandwidth_probe(m: torch.Tensor):
@@ -100,6 +111,15 @@ def speculative_figures(target: nn.Module, args: argparse.Namespace) -> dict[str
                 spec_tok_s=f"{spec_tok_s:.1f}", greedy_tok_s=f"{greedy_tok_s:.1f}")
 
 
+def quantized_variants(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    """float32, int8 and int4 (groups of 64) copies of `model`, each with the bytes a decode step reads."""
+    variants = {"float32": (model, sum(p.numel() for p in model.parameters()) * 4)}
+    for name, bits in (("int8", 8), ("int4", 4)):
+        q = quantize_model(copy.deepcopy(model), bits, 64, skip=()).eval()
+        variants[name] = (q, model_bytes(q) - model.embed.weight.numel() * 4)  # the head no longer reads the table
+    return variants
+
+
 def interleaved_seconds(fns: list, repeats: int) -> list[float]:
     """Median seconds of each function, run in alternation so that both sides see the same
     machine (memory bandwidth on a shared host drifts)."""
@@ -127,34 +147,46 @@ def main() -> None:
     big = torch.randn(16384, 16384)
     figures: dict[str, str] = {}  # the last line: GPT-2 batch 1 in full, then the ratio of every other case
     spec: dict[str, str] = {}
+    quant: dict[str, str] = {}  # int8 / int4 against lmforge float32
     for shape in ("gpt2", "smollm-135m"):
         hf = hf_model(shape)
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             ours, _ = load_model(tmp)
         ours.eval()
-        weight_bytes = sum(p.numel() for p in ours.parameters()) * 4
+        variants = quantized_variants(ours)
         if shape == "gpt2":
             spec = speculative_figures(ours, args)
         for batch in (1, 8):
             prompts = torch.randint(0, 1000, (batch, args.prompt_len))
             n = args.new_tokens
-
-            run_hf = partial(hf_generate, hf, prompts, n)
-            run_ours = partial(lmforge_generate, Engine(ours, n_slots=batch, max_len=args.prompt_len + n + 1), prompts, n)
-            t_hf, t_ours, t_read = interleaved_seconds([run_hf, run_ours, bandwidth_probe(big)], args.repeats)
+            runs = [partial(hf_generate, hf, prompts, n)]
+            runs += [partial(lmforge_generate, Engine(m, n_slots=batch, max_len=args.prompt_len + n + 1), prompts, n)
+                     for m, _ in variants.values()]
+            t_hf, *t_ours, t_read = interleaved_seconds([*runs, bandwidth_probe(big)], args.repeats)
             bandwidth = big.numel() * 4 / t_read
-            hf_tok_s, ours_tok_s = batch * n / t_hf, batch * n / t_ours
-            bound = bandwidth / weight_bytes * batch  # tokens/s if each step only read the weights once
-            print(f"{shape:12s} batch {batch} ({bandwidth / 1e9:.1f} GB/s): lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / bound:4.0%} of bound)  "
-                  f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
+            hf_tok_s = batch * n / t_hf
+            tok_s = {name: batch * n / t for name, t in zip(variants, t_ours)}
+            # tokens/s if each step only read its weights once
+            bound = {name: bandwidth / weight_bytes * batch for name, (_, weight_bytes) in variants.items()}
+            ours_tok_s, float_bound = tok_s["float32"], bound["float32"]
+            print(f"{shape:12s} batch {batch} ({bandwidth / 1e9:.1f} GB/s): lmforge {ours_tok_s:7.1f} tok/s ({ours_tok_s / float_bound:4.0%} of bound)  "
+                  f"transformers {hf_tok_s:7.1f} tok/s ({hf_tok_s / float_bound:4.0%})  ratio {ours_tok_s / hf_tok_s:.2f}")
+            for name in ("int8", "int4"):
+                print(f"{shape:12s} batch {batch}   lmforge {name} {tok_s[name]:7.1f} tok/s ({tok_s[name] / bound[name]:4.0%} of its bound "
+                      f"{bound[name]:7.1f})  x{tok_s[name] / ours_tok_s:.2f} lmforge float32  x{tok_s[name] / hf_tok_s:.2f} transformers")
+            short = shape.split("-")[0]
             if not figures:
                 figures.update(ratio=f"{ours_tok_s / hf_tok_s:.2f}", lmforge_tok_s=f"{ours_tok_s:.1f}",
-                               hf_tok_s=f"{hf_tok_s:.1f}", lmforge_of_bound=f"{ours_tok_s / bound:.2f}",
-                               hf_of_bound=f"{hf_tok_s / bound:.2f}")
+                               hf_tok_s=f"{hf_tok_s:.1f}", lmforge_of_bound=f"{ours_tok_s / float_bound:.2f}",
+                               hf_of_bound=f"{hf_tok_s / float_bound:.2f}")
+                quant.update({f"{name}_ratio": f"{tok_s[name] / ours_tok_s:.2f}" for name in ("int8", "int4")})
+                quant.update({f"{name}_of_bound": f"{tok_s[name] / bound[name]:.2f}" for name in ("int8", "int4")})
             else:
-                figures[f"ratio_{shape.split('-')[0]}_b{batch}"] = f"{ours_tok_s / hf_tok_s:.2f}"
-    print(" ".join(f"{key}={value}" for key, value in {**figures, **spec}.items()))
+                figures[f"ratio_{short}_b{batch}"] = f"{ours_tok_s / hf_tok_s:.2f}"
+                if batch == 1:
+                    quant.update({f"{name}_ratio_{short}": f"{tok_s[name] / ours_tok_s:.2f}" for name in ("int8", "int4")})
+    print(" ".join(f"{key}={value}" for key, value in {**figures, **quant, **spec}.items()))
 
 
 if __name__ == "__main__":

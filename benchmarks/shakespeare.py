@@ -32,8 +32,8 @@ from torch import nn
 
 from lmforge.data import prepare
 from lmforge.data.shards import TokenShards
-from lmforge.tokenizer import train_tokenizer
-from lmforge.train.loop import TrainConfig, lr_at
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.loop import TrainConfig, TrainResult, lr_at
 from lmforge.train.pretrain import run_pretrain
 from lmforge.train.report import Callback
 
@@ -142,6 +142,24 @@ class Interleaved(Callback):
         self.plain_s += self.mark - now
 
 
+def char_recipe(data: str, steps: int, work: Path) -> tuple[dict, Tokenizer]:
+    """The recipe of configs/shakespeare-char.yaml's byte-level char model on `data` for `steps` steps
+    in `work` (tokenizer in work/tok, shards in work/data, the run in work/run), and its tokenizer."""
+    tok = train_tokenizer([data], 256)  # pure bytes: char-level for ASCII
+    tok.save(work / "tok")
+    prepare([data], tok, work / "data", val_fraction=0.1)  # the last 10% of the file
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml").read_text())
+    recipe["out_dir"] = str(work / "run")
+    recipe["data"].update(shards=str(work / "data"), tokenizer=str(work / "tok"))
+    recipe["train"].update(steps=steps, eval_batches=200, resume="never")
+    return recipe, tok
+
+
+def train_char_model(data: str, steps: int, work: Path) -> TrainResult:
+    """Train the char model of `char_recipe` (quant_quality.py's model)."""
+    return run_pretrain(char_recipe(data, steps, work)[0], progress=True).train
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="tinyshakespeare input.txt")
@@ -151,13 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.monotonic()
     work = Path(args.out_dir or tempfile.mkdtemp(prefix="shakespeare-"))
-    tok = train_tokenizer([args.data], 256)  # pure bytes: char-level for ASCII
-    tok.save(work / "tok")
-    prepare([args.data], tok, work / "data", val_fraction=0.1)  # the last 10% of the file
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "shakespeare-char.yaml").read_text())
-    recipe["out_dir"] = str(work / "run")
-    recipe["data"].update(shards=str(work / "data"), tokenizer=str(work / "tok"))
-    recipe["train"].update(steps=args.steps, eval_batches=200, resume="never")
+    recipe, tok = char_recipe(args.data, args.steps, work)
     cfg, context = TrainConfig(**recipe["train"]), recipe["data"]["seq_len"]
     train, val = (TokenShards.open(work / "data", split) for split in ("train", "val"))
     plain_run = plain_training(train.arrays[0], val.arrays[0], tok.vocab_size, recipe["model"], cfg, context)

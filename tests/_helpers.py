@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 CHOSEN, REJECTED = " the quick brown fox.", " the lazy dog."
+BUILDABLE = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))  # can the native kernels be built here?
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -43,6 +43,12 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny(tmp_path_factory.mktemp("lm") / "tiny", tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def qlora_base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """tiny-llama with an MLP 192 wide, so int4 groups of 32 and 64 tile every linear layer (172 does not)."""
+    return save_tiny(tmp_path_factory.mktemp("qlora") / "base", tiny_tokenizer, hidden_dim=192)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one torch thread, and far faster when other processes share the cores."""

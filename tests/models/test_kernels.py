@@ -5,7 +5,6 @@ fallback (no kernels, no half-written file) when they cannot be built."""
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 
 import pytest
@@ -14,23 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.testing import assert_close
 
+from _helpers import BUILDABLE
 from lmforge.config import preset
 from lmforge.generate.engine import Engine, Request
 from lmforge.models import build_model, kernels
 from lmforge.models.cpu_ops import gelu, linear
 from lmforge.models.layers import sdpa
-
-BUILDABLE = (platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") is not None
-             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-
-
-@pytest.fixture
-def native():
-    if not BUILDABLE:
-        pytest.skip("the kernels need an x86-64 CPU with AVX2 and a C compiler")
-    built = kernels.native()
-    assert built is not None, "a C compiler and AVX2 are here, so the kernels must build"
-    return built
 
 
 @pytest.fixture

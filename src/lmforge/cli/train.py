@@ -177,10 +177,14 @@ def setup_quickstart(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from lmforge.train.lora import read_adapter_config
     from lmforge.train.setup import merge_adapter
 
+    quantization = read_adapter_config(args.adapter)[1].get("quantization")
     merge_adapter(args.base, args.adapter, args.out, hf=args.hf)
-    print(f"wrote the merged model to {args.out} ({'Hugging Face' if args.hf else 'lmforge'} format)")
+    into = (f"the dequantized int{quantization['bits']} weights of {args.base} (the adapter was trained on that "
+            f"quantized base), written in float32" if quantization else args.base)
+    print(f"wrote the merged model to {args.out} ({'Hugging Face' if args.hf else 'lmforge'} format): adapter merged into {into}")
 
 
 def setup_lora(p: argparse.ArgumentParser) -> None:

@@ -95,6 +95,240 @@ int lmforge_gemv(const float *x, const float *w, const float *b, float *y, int64
     return 0;
 }
 
+/* ---------------------------------------------------------------- int8 / int4 weight-only matmuls
+ *
+ * The same decode-step matmul over weights stored as integers (quantize/linear.py's formats), read
+ * in their packed form and widened to float32 in registers, so a step streams 1 (int8) or 1/2
+ * (int4) byte per weight instead of 4; the whole float matrix is never formed.
+ *
+ * int8: q (N, K) int8, one scale per row: y = s[n] * (x . q[n]) + b[n].
+ * int4: q (N, K / 2) uint8, element k of a row in byte k / 2 (even k in the low nibble), groups of
+ * G consecutive elements with a float32 scale and a uint8 zero point each: w = (q - z) * s. The
+ * kernel forms each weight exactly as dequantize does (integer q - z, then one multiply by s) and
+ * feeds it to the FMAs. Low nibbles hold the even elements and high nibbles the odd ones, so x is
+ * first copied into the same order, 16 elements at a time (evens, then odds). K % G == 0 and
+ * G % 32 == 0 (checked by kernels.py). */
+
+static inline __m256 widen_q8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* Outputs n .. n+R-1 of MB rows; int8 weights. */
+#define Q8_BLOCK(MB, R)                                                                                      \
+    static inline void q8_block_##MB##_##R(const float *x, const int8_t *w, const float *s, const float *b,     \
+                                           float *y, int64_t N, int64_t K, int64_t n) {                    \
+        __m256 acc[R][MB];                                                                                   \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();                                    \
+        int64_t k = 0;                                                                                       \
+        for (; k + 8 <= K; k += 8)                                                                           \
+            for (int r = 0; r < R; r++) {                                                                    \
+                __m256 wv = widen_q8(w + (n + r) * K + k);                                                   \
+                for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[r][m]); \
+            }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) {                                                                   \
+                float t = hsum(acc[r][m]);                                                                   \
+                for (int64_t j = k; j < K; j++) t += x[m * K + j] * (float)w[(n + r) * K + j];               \
+                y[m * N + n + r] = t * s[n + r] + (b ? b[n + r] : 0.0f);                                     \
+            }                                                                                                \
+    }
+
+/* Outputs n .. n+R-1 of MB rows; int4 weights, xp holds x in nibble order. A nibble q becomes the
+ * float 2^23 + q by setting the exponent bits (exact, no conversion instruction), and subtracting
+ * 2^23 + z leaves exactly q - z, as dequantize computes it. */
+#define Q4_BLOCK(MB, R)                                                                                      \
+    static inline void q4_block_##MB##_##R(const float *xp, const uint8_t *w, const float *s, const uint8_t *z, \
+                                           const float *b, float *y, int64_t N, int64_t K, int64_t G, int64_t n) { \
+        __m256 acc[R][MB], sv[R], zv[R];                                                                     \
+        const __m256i low = _mm256_set1_epi32(0x0F), two23 = _mm256_set1_epi32(0x4B000000);                  \
+        int64_t groups = K / G;                                                                              \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();                                    \
+        for (int64_t g = 0; g < groups; g++) {                                                               \
+            for (int r = 0; r < R; r++) {                                                                    \
+                sv[r] = _mm256_set1_ps(s[(n + r) * groups + g]);                                             \
+                zv[r] = _mm256_set1_ps(8388608.0f + z[(n + r) * groups + g]);                                \
+            }                                                                                                \
+            for (int64_t k = g * G; k < (g + 1) * G; k += 16)                                                \
+                for (int r = 0; r < R; r++) {                                                                \
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + (n + r) * (K / 2) + k / 2))); \
+                    __m256 qe = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, low), two23));       \
+                    __m256 qo = _mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(v, 4), two23));        \
+                    __m256 even = _mm256_mul_ps(_mm256_sub_ps(qe, zv[r]), sv[r]);                            \
+                    __m256 odd = _mm256_mul_ps(_mm256_sub_ps(qo, zv[r]), sv[r]);                             \
+                    for (int m = 0; m < MB; m++) {                                                           \
+                        acc[r][m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp + m * K + k), acc[r][m]);       \
+                        acc[r][m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp + m * K + k + 8), acc[r][m]);    \
+                    }                                                                                        \
+                }                                                                                            \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) y[m * N + n + r] = hsum(acc[r][m]) + (b ? b[n + r] : 0.0f);         \
+    }
+
+/* Columns [n0, n1) of MB rows: R outputs per pass, then one at a time (blocks defined below). */
+#define Q_TILES(MB, R)                                                                                       \
+    static void q8_tile_##MB(const float *x, const void *w, const float *s, const uint8_t *z, const float *b,  \
+                             float *y, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {            \
+        (void)z, (void)G;                                                                                    \
+        int64_t n = n0;                                                                                      \
+        for (; n + R <= n1; n += R) q8_block_##MB##_##R(x, w, s, b, y, N, K, n);                             \
+        for (; n < n1; n++) q8_block_##MB##_1(x, w, s, b, y, N, K, n);                                       \
+    }                                                                                                        \
+    static void q4_tile_##MB(const float *x, const void *w, const float *s, const uint8_t *z, const float *b,  \
+                             float *y, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {            \
+        int64_t n = n0;                                                                                      \
+        for (; n + R <= n1; n += R) q4_block_##MB##_##R(x, w, s, z, b, y, N, K, G, n);                       \
+        for (; n < n1; n++) q4_block_##MB##_1(x, w, s, z, b, y, N, K, G, n);                                 \
+    }
+
+#define Q_BLOCKS(MB, R) Q8_BLOCK(MB, R) Q4_BLOCK(MB, R)
+Q_BLOCKS(1, 1) Q_BLOCKS(2, 1) Q_BLOCKS(3, 1) Q_BLOCKS(4, 1) Q_BLOCKS(5, 1) Q_BLOCKS(6, 1) Q_BLOCKS(7, 1) Q_BLOCKS(8, 1)
+Q_BLOCKS(1, 4) Q_BLOCKS(2, 4) Q_BLOCKS(3, 2) Q_BLOCKS(4, 2)
+
+Q_TILES(1, 4)
+Q_TILES(2, 4)
+Q_TILES(3, 2)
+Q_TILES(4, 2)
+Q_TILES(5, 1)
+Q_TILES(6, 1)
+Q_TILES(7, 1)
+Q_TILES(8, 1)
+
+typedef void (*q_tile_fn)(const float *, const void *, const float *, const uint8_t *, const float *, float *,
+                          int64_t, int64_t, int64_t, int64_t, int64_t);
+static const q_tile_fn Q8_TILES[9] = {0, q8_tile_1, q8_tile_2, q8_tile_3, q8_tile_4, q8_tile_5, q8_tile_6, q8_tile_7, q8_tile_8};
+static const q_tile_fn Q4_TILES[9] = {0, q4_tile_1, q4_tile_2, q4_tile_3, q4_tile_4, q4_tile_5, q4_tile_6, q4_tile_7, q4_tile_8};
+
+/* The same blocks with AVX-512 (16 floats a vector), compiled for that ISA alone and chosen at run
+ * time where the CPU has it: the int4 inner loop is bound by its widening instructions, not by
+ * memory, so twice the width is up to twice the speed. int4 reads 32 weights (16 bytes) a step,
+ * so here x's nibble order is by 32: the 16 even elements, then the 16 odd ones. */
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+
+#define Q8_BLOCK512(MB, R)                                                                                   \
+    AVX512 static inline void q8w_block_##MB##_##R(const float *x, const int8_t *w, const float *s, const float *b, \
+                                                   float *y, int64_t N, int64_t K, int64_t n) {            \
+        __m512 acc[R][MB];                                                                                   \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();                                    \
+        int64_t k = 0;                                                                                       \
+        for (; k + 16 <= K; k += 16)                                                                         \
+            for (int r = 0; r < R; r++) {                                                                    \
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + (n + r) * K + k)))); \
+                for (int m = 0; m < MB; m++) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[r][m]); \
+            }                                                                                                \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) {                                                                   \
+                float t = _mm512_reduce_add_ps(acc[r][m]);                                                   \
+                for (int64_t j = k; j < K; j++) t += x[m * K + j] * (float)w[(n + r) * K + j];               \
+                y[m * N + n + r] = t * s[n + r] + (b ? b[n + r] : 0.0f);                                     \
+            }                                                                                                \
+    }
+
+#define Q4_BLOCK512(MB, R)                                                                                   \
+    AVX512 static inline void q4w_block_##MB##_##R(const float *xp, const uint8_t *w, const float *s, const uint8_t *z, \
+                                                   const float *b, float *y, int64_t N, int64_t K, int64_t G, int64_t n) { \
+        __m512 acc[R][MB], sv[R], zv[R];                                                                     \
+        const __m512i low = _mm512_set1_epi32(0x0F), two23 = _mm512_set1_epi32(0x4B000000);                  \
+        int64_t groups = K / G;                                                                              \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();                                    \
+        for (int64_t g = 0; g < groups; g++) {                                                               \
+            for (int r = 0; r < R; r++) {                                                                    \
+                sv[r] = _mm512_set1_ps(s[(n + r) * groups + g]);                                             \
+                zv[r] = _mm512_set1_ps(8388608.0f + z[(n + r) * groups + g]);                                \
+            }                                                                                                \
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32)                                                \
+                for (int r = 0; r < R; r++) {                                                                \
+                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (n + r) * (K / 2) + k / 2))); \
+                    __m512 qe = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(v, low), two23));       \
+                    __m512 qo = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), two23));        \
+                    __m512 even = _mm512_mul_ps(_mm512_sub_ps(qe, zv[r]), sv[r]);                            \
+                    __m512 odd = _mm512_mul_ps(_mm512_sub_ps(qo, zv[r]), sv[r]);                             \
+                    for (int m = 0; m < MB; m++) {                                                           \
+                        acc[r][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + m * K + k), acc[r][m]);       \
+                        acc[r][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + m * K + k + 16), acc[r][m]);   \
+                    }                                                                                        \
+                }                                                                                            \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int m = 0; m < MB; m++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.0f); \
+    }
+
+#define QW_TILES(MB, R)                                                                                      \
+    AVX512 static void q8w_tile_##MB(const float *x, const void *w, const float *s, const uint8_t *z, const float *b, \
+                                     float *y, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {    \
+        (void)z, (void)G;                                                                                    \
+        int64_t n = n0;                                                                                      \
+        for (; n + R <= n1; n += R) q8w_block_##MB##_##R(x, w, s, b, y, N, K, n);                            \
+        for (; n < n1; n++) q8w_block_##MB##_1(x, w, s, b, y, N, K, n);                                      \
+    }                                                                                                        \
+    AVX512 static void q4w_tile_##MB(const float *x, const void *w, const float *s, const uint8_t *z, const float *b, \
+                                     float *y, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {    \
+        int64_t n = n0;                                                                                      \
+        for (; n + R <= n1; n += R) q4w_block_##MB##_##R(x, w, s, z, b, y, N, K, G, n);                      \
+        for (; n < n1; n++) q4w_block_##MB##_1(x, w, s, z, b, y, N, K, G, n);                                \
+    }
+
+#define QW_BLOCKS(MB, R) Q8_BLOCK512(MB, R) Q4_BLOCK512(MB, R)
+QW_BLOCKS(1, 1) QW_BLOCKS(2, 1) QW_BLOCKS(3, 1) QW_BLOCKS(4, 1) QW_BLOCKS(5, 1) QW_BLOCKS(6, 1) QW_BLOCKS(7, 1) QW_BLOCKS(8, 1)
+QW_BLOCKS(1, 4) QW_BLOCKS(2, 4) QW_BLOCKS(3, 2) QW_BLOCKS(4, 2)
+
+QW_TILES(1, 4)
+QW_TILES(2, 4)
+QW_TILES(3, 2)
+QW_TILES(4, 2)
+QW_TILES(5, 1)
+QW_TILES(6, 1)
+QW_TILES(7, 1)
+QW_TILES(8, 1)
+
+static const q_tile_fn Q8W_TILES[9] = {0, q8w_tile_1, q8w_tile_2, q8w_tile_3, q8w_tile_4, q8w_tile_5, q8w_tile_6, q8w_tile_7, q8w_tile_8};
+static const q_tile_fn Q4W_TILES[9] = {0, q4w_tile_1, q4w_tile_2, q4w_tile_3, q4w_tile_4, q4w_tile_5, q4w_tile_6, q4w_tile_7, q4w_tile_8};
+
+/* x (M, K) copied into nibble order by `chunk` (16 for AVX2, 32 for AVX-512): each chunk's even
+ * elements, then its odd ones. */
+static void nibble_order(const float *x, float *xp, int64_t M, int64_t K, int64_t chunk) {
+    int64_t half = chunk / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += chunk)
+            for (int64_t i = 0; i < half; i++) {
+                xp[m * K + k + i] = x[m * K + k + 2 * i];
+                xp[m * K + k + half + i] = x[m * K + k + 2 * i + 1];
+            }
+}
+
+/* 1 where the AVX-512 kernels run: the CPU has AVX-512 F + BW and `isa` (0 = best, 2 = AVX2 only) allows it. */
+static int wide(int isa) {
+    static int have = -1;
+    if (have < 0) have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return isa != 2 && have;
+}
+
+/* y (M, N) = x (M, K) @ dequantize(w)^T + b for 1 <= M <= 8; bits 8 or 4 (then groups of G, a
+ * multiple of 32, and scratch holds M * K floats). isa: 0 = the widest the CPU has, 2 = AVX2 only.
+ * Threads split the output columns as lmforge_gemv does. */
+int lmforge_gemv_quant(const float *x, const void *w, const float *s, const uint8_t *z, const float *b, float *y,
+                       int64_t M, int64_t N, int64_t K, int bits, int64_t G, float *scratch, int isa, int threads) {
+    if (M < 1 || M > 8 || threads < 1 || (bits != 8 && bits != 4)) return 1;
+    if (bits == 4 && (G < 32 || G % 32 || K % G)) return 1;
+    int w512 = wide(isa);
+    q_tile_fn tile = bits == 8 ? (w512 ? Q8W_TILES : Q8_TILES)[M] : (w512 ? Q4W_TILES : Q4_TILES)[M];
+    if (bits == 4) {
+        nibble_order(x, scratch, M, K, w512 ? 32 : 16);
+        x = scratch;
+    }
+    int64_t per = ((N + threads - 1) / threads + 7) / 8 * 8;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) {
+        int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < n1) tile(x, w, s, z, b, y, N, K, G, n0, n1);
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- decode attention */
 
 static inline float dot(const float *a, const float *b, int64_t D) {

@@ -1,12 +1,15 @@
-"""Native CPU kernels, compiled on first use: the decode step's matmul and attention, and GPT-2's GELU.
+"""Native CPU kernels, compiled on first use: the decode step's matmuls (float32, int8, int4) and
+attention, and GPT-2's GELU.
 
 A decode step multiplies one row per sequence by every weight matrix, so it runs at the speed
 at which the weights stream from memory. On the x86 CPUs we measure, neither MKL nor oneDNN
 stream at memory speed for a handful of rows (a plain `torch.mv` streams faster than either).
-`kernels.c` (AVX2 + FMA, OpenMP) has a matmul that reads each weight once for all rows. Its
+`kernels.c` (AVX2 + FMA, OpenMP; the quantized matmuls also AVX-512, chosen at run time) has a matmul that reads each weight once for all rows. Its
 attention stores the step's keys and values and attends over the cache in one call and one
 pass, where PyTorch takes two `scatter_`s and a flash-attention kernel built for long queries.
 `benchmarks/decode.py` measures the whole effect (with `LMFORGE_NATIVE=0` for the comparison).
+The int8 and int4 matmuls read quantized weights (`quantize/linear.py`'s formats) in their packed
+form and widen them in registers, so a step streams a quarter or an eighth of the float bytes.
 Its GELU (tanh form) is used in training and decoding, forward and backward, because PyTorch's
 tanh is slow on these CPUs (`benchmarks/train_throughput.py`).
 
@@ -114,6 +117,9 @@ class Native:
         self._gemv = library.lmforge_gemv
         self._gemv.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
         self._gemv.restype = ctypes.c_int
+        self._gemv_quant = library.lmforge_gemv_quant
+        self._gemv_quant.argtypes = [ptr] * 6 + [i64] * 3 + [ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._gemv_quant.restype = ctypes.c_int
         self._attend = library.lmforge_decode_attention
         self._attend.argtypes = ([ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 5
                                  + [ctypes.c_float, ptr, ctypes.c_int])
@@ -136,6 +142,37 @@ class Native:
         b = None if bias is None else bias.data_ptr()
         if self._gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
             raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {x.numel() // k}")
+        return y
+
+    def gemv_quant(self, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+                   bits: int, group_size: int, avx2_only: bool = False) -> Tensor:
+        """`F.linear(x, W, bias)` for 1 to MAX_ROWS rows of x (..., K), with W (N, K) given as
+        `quantize.linear`'s int8 rows (`qweight` int8 (N, K), `scales` (N,)) or int4 groups
+        (`qweight` uint8 (N, K / 2), `scales` (N, K / group_size), `zeros` uint8 likewise; K a
+        multiple of `group_size`, itself a multiple of 32). All contiguous; W is never formed.
+        AVX-512 where the CPU has it, else AVX2 (`avx2_only` forces the latter, for tests)."""
+        k = x.shape[-1]
+        n, packed = qweight.shape
+        rows = x.numel() // max(k, 1)
+        int4 = bits == 4 and qweight.dtype == torch.uint8 and packed * 2 == k and zeros is not None
+        if not (int4 or (bits == 8 and qweight.dtype == torch.int8 and packed == k)):
+            raise ValueError(f"gemv_quant: {bits}-bit weights {qweight.dtype} {tuple(qweight.shape)} do not fit x with {k} features")
+        if bits == 4 and (group_size % 32 or k % group_size or scales.shape != (n, k // group_size)
+                          or zeros.shape != scales.shape or zeros.dtype != torch.uint8):
+            raise ValueError(f"gemv_quant: int4 groups of {group_size} must divide the width {k} (and be a multiple of 32), "
+                             f"with scales and zeros of shape ({n}, {k // max(group_size, 1)})")
+        _check_contiguous_cpu_float32(*(t for t in (x, scales, bias) if t is not None))
+        if not (qweight.is_contiguous() and (zeros is None or zeros.is_contiguous())):
+            raise ValueError("gemv_quant takes contiguous packed weights and zero points")
+        y = x.new_empty((*x.shape[:-1], n))
+        scratch = x.new_empty(x.shape) if bits == 4 else None
+        status = self._gemv_quant(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                  None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+                                  y.data_ptr(), rows, n, k, bits, group_size,
+                                  None if scratch is None else scratch.data_ptr(), 2 if avx2_only else 0,
+                                  torch.get_num_threads())
+        if status:
+            raise ValueError(f"gemv_quant takes 1 to {MAX_ROWS} rows, not {rows}")
         return y
 
     def decode_attention(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, columns: Tensor,

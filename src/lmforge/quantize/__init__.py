@@ -26,7 +26,7 @@ from lmforge.checkpoint.native import WEIGHTS_FILE, load_config, save_native
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.models.surgery import matches, swap_module
-from lmforge.quantize.linear import QuantLinear, check_settings
+from lmforge.quantize.linear import QuantLinear, check_settings, check_width
 
 QUANT_CONFIG, QUANT_FORMAT = "quantization.json", "lmforge-quant"
 
@@ -42,6 +42,8 @@ def quantize_model(
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(n, list(skip))]
     if not names:
         raise LmforgeError(f"no linear layer is left to quantize after skipping {list(skip)}; shorten the skip list")
+    for name in names:  # every width is checked before any layer is swapped
+        check_width(model.get_submodule(name).in_features, bits, group_size, name)
     for name in names:
         swap_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
     return model
@@ -49,6 +51,25 @@ def quantize_model(
 
 def quantized_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def quantization_of(model: nn.Module) -> dict[str, int] | None:
+    """`{"bits", "group_size"}` of the model's quantized layers; None when it has none."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    return None if layer is None else {"bits": layer.bits, "group_size": layer.group_size}
+
+
+def quantization_name(model: nn.Module) -> str | None:
+    """"int8" / "int4" for a model with quantized layers, None for a float one (`/v1/models` reports it)."""
+    quantization = quantization_of(model)
+    return None if quantization is None else f"int{quantization['bits']}"
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every QuantLinear for a float `Linear` holding its dequantized weight, in place; returns `model`."""
+    for name in quantized_layers(model):
+        swap_module(model, name, model.get_submodule(name).to_linear())
+    return model
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -94,9 +115,12 @@ def load_quantized(folder: str | Path) -> nn.Module:
 
 __all__ = [
     "QuantLinear",
+    "dequantize_model",
     "is_quantized_folder",
     "load_quantized",
     "model_bytes",
+    "quantization_name",
+    "quantization_of",
     "quantize_model",
     "quantized_layers",
     "save_quantized",

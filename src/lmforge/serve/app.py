@@ -46,6 +46,7 @@ from lmforge.api import LM, load
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine
 from lmforge.generate.engine import Request as EngineRequest
+from lmforge.quantize import quantization_name
 from lmforge.serve.errors import (
     ApiError,
     add_error_handlers,
@@ -203,7 +204,8 @@ async def metrics(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     state, loaded = require_ready(request)
-    card = ModelCard(id=state.settings.model_name, created=loaded.created, max_model_len=loaded.max_len)
+    card = ModelCard(id=state.settings.model_name, created=loaded.created, max_model_len=loaded.max_len,
+                     quantization=quantization_name(loaded.lm.model))
     return json_response(ModelList(data=[card]))
 
 

@@ -14,10 +14,12 @@ Design choices:
   `attn.q` all work, with or without a wrapper prefix such as `backbone.`.
 - A = Kaiming-uniform, B = zeros (as in the paper and peft): a freshly adapted model computes
   exactly what the base model computes.
-- The base may be an `nn.Linear` or any linear-like module with `in_features`,
-  `out_features`, `bias` and `dequantize()` (the int8/int4 `quantize.QuantLinear`: QLoRA).
-  Merging into a quantized base yields a float `nn.Linear` holding dequantize(W) + delta, so no
-  second rounding error is added; re-quantize the merged model if needed. Adapters take the
+- The base may be an `nn.Linear` or the int8/int4 `quantize.QuantLinear` (QLoRA: any
+  linear-like module with `in_features`, `out_features`, `bias` and `to_linear()`). Merging
+  into a quantized base yields a float `nn.Linear` holding dequantize(W) + delta: the weights
+  the adapter was trained against, with no second rounding error; re-quantize if needed. The
+  adapter config records the base's quantization (`quantization`: bits, group size), so a
+  later merge quantizes the float base the same way first (`train/setup.py::merged_model`). Adapters take the
   base weight's dtype (float32 on a quantized base); their output is cast to the base's.
 - `lora_disabled(model)` turns every adapter off for a block of code, so a LoRA model serves
   as its own frozen reference model (DPO) without a second copy of the weights.
@@ -44,8 +46,8 @@ from torch import Tensor, nn
 
 from lmforge.checkpoint.io import load_checked, read_json, read_tensors, write_json, write_tensors
 from lmforge.errors import LmforgeError
-from lmforge.models.cpu_ops import Linear
 from lmforge.models.surgery import is_linear, matches, swap_module, tied_modules, unmatched
+from lmforge.quantize import quantization_of
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_FORMAT = "adapter.safetensors", "adapter_config.json", "lmforge-lora"
 
@@ -109,13 +111,9 @@ class LoraLinear(nn.Module):
             if isinstance(self.base, nn.Linear):
                 self.base.weight += self.delta().to(self.base.weight.dtype)
                 return self.base
-            weight = self.base.dequantize()
-            plain = Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                              device=weight.device, dtype=weight.dtype)
-            plain.weight.copy_(weight + self.delta().to(weight.dtype))
-            if self.base.bias is not None:
-                plain.bias.copy_(self.base.bias)
-            return plain.requires_grad_(False)
+            plain = self.base.to_linear()
+            plain.weight += self.delta().to(plain.weight.dtype)
+            return plain
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, disabled={self.disabled}"
@@ -238,7 +236,8 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, folder: str | Path, base_mod
     if not wrapped:
         raise LmforgeError("the model has no LoRA adapters to save; call apply_lora(model, cfg) first")
     write_tensors(folder / ADAPTER_WEIGHTS, lora_state_dict(model, cfg.train_modules), metadata={"format": ADAPTER_FORMAT})
-    meta = {"format": ADAPTER_FORMAT, **dataclasses.asdict(cfg), "wrapped": wrapped, "base_model": base_model}
+    meta = {"format": ADAPTER_FORMAT, **dataclasses.asdict(cfg), "wrapped": wrapped, "base_model": base_model,
+            "quantization": quantization_of(model)}
     write_json(folder / ADAPTER_CONFIG, meta)  # written last: its presence marks a complete adapter
 
 

@@ -52,6 +52,8 @@ from lmforge.data.rows import Collate, RowLoader, iter_row_batches
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.classification import ClassificationReport
 from lmforge.models.heads import PooledHead, build_head
+from lmforge.quantize import dequantize_model, quantize_model, quantized_layers
+from lmforge.quantize.linear import check_settings
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import load_model_weights
 from lmforge.train.distributed import DistInfo
@@ -93,6 +95,8 @@ class FinetuneConfig:
 
     base: str = ""  # model to start from: an lmforge run folder or a Hugging Face folder, with its tokenizer.json
     merge: bool = True  # with LoRA: also write the merged model into out_dir at the end (the adapter is always saved)
+    bits: int = 0  # QLoRA: quantize the frozen base to 8 or 4 bits and train LoRA adapters on it (needs lora.rank); 0 = float base
+    group_size: int = 64  # with bits 4: input weights per quantization group (32, 64 or 128; must divide every layer's width)
 
 
 @dataclass
@@ -153,9 +157,13 @@ def load_base(cfg: FinetuneConfig) -> tuple[nn.Module, Tokenizer]:
     """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder."""
     if not cfg.base:
         raise LmforgeError("finetune.base is not set; pass --finetune.base MODEL_FOLDER (an lmforge run or a Hugging Face folder)")
+    if cfg.bits:
+        check_settings(cfg.bits, cfg.group_size)
     model, _ = load_model(cfg.base)
     if not (Path(cfg.base) / "tokenizer.json").is_file():
         raise LmforgeError(f"{cfg.base} has no tokenizer.json; fine-tuning reads text, so the model folder needs its tokenizer")
+    if cfg.bits:
+        quantize_model(model, cfg.bits, cfg.group_size)
     return model, Tokenizer.from_dir(cfg.base)
 
 
@@ -163,6 +171,9 @@ def apply_adapters(model: nn.Module, lora: LoraConfig, seed: int, train_modules:
     """Apply LoRA when lora.rank > 0, training `train_modules` in full too; the config saved with the adapter, or None."""
     if not lora.rank:
         lora.validate()
+        if quantized_layers(model):
+            raise LmforgeError("finetune.bits quantizes the base, which then stays frozen; train adapters on it "
+                               "with --lora.rank 16 (QLoRA), or drop finetune.bits to train the whole model")
         return None
     lora = dataclasses.replace(lora, train_modules=[*lora.train_modules, *(m for m in train_modules if m not in lora.train_modules)])
     with seeded(seed):
@@ -218,8 +229,9 @@ class RunIO:
                      hint="resume with the lora settings it was trained with")
 
     def export_merged(self, model: nn.Module, folder: Path) -> None:
-        """Fold the adapters into the weights (in place) and write the merged model into `folder`."""
-        save_model_files(merge_lora(model), folder)
+        """Fold the adapters into the weights (in place) and write the merged model into `folder`: in
+        float32, a quantized base dequantized (the weights the adapters were trained against)."""
+        save_model_files(dequantize_model(merge_lora(model)), folder)
         self.tokenizer.save(folder)
 
 
@@ -274,14 +286,21 @@ class Run:
 
 
 def merged_model(base: str | Path, adapter: str | Path) -> nn.Module:
-    """The base model (with the adapter's head, if it has one) with the adapter loaded and merged."""
-    read_adapter_config(adapter)  # a clear error before the base is loaded
+    """The base model (with the adapter's head, if it has one) with the adapter loaded and merged, in float32.
+
+    An adapter trained on a quantized base (QLoRA; its config records `quantization`) is merged
+    into the dequantized weights of the base quantized the same way, the weights it was trained
+    against, not into the float weights (which would shift every layer by the rounding error).
+    """
+    quantization = read_adapter_config(adapter)[1].get("quantization")  # a clear error before the base is loaded
     model, _ = load_model(base)
+    if quantization:
+        quantize_model(model, quantization["bits"], quantization["group_size"])
     spec = read_head_record(adapter)
     if spec is not None:
         model = build_head(model, spec)
     load_adapter(model, adapter)
-    return merge_lora(model)
+    return dequantize_model(merge_lora(model))
 
 
 def adapter_base(folder: Path) -> str:
