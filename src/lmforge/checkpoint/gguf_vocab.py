@@ -116,7 +116,7 @@ def read_vocab(fields: Mapping[str, Any], source: str) -> Tokenizer | None:
     special = {f"{name}_token": tokens[fields[f"{KEY}{name}_token_id"]] for name in SPECIAL_IDS
                if fields.get(f"{KEY}{name}_token_id") is not None and fields[f"{KEY}{name}_token_id"] < len(tokens)}
     backend.post_processor = _post_processor(fields, special, backend)
-    return Tokenizer(backend, special_tokens=special, chat_template=fields.get(f"{KEY}chat_template"))
+    return Tokenizer(backend, special_tokens=special, chat_template=fields.get("tokenizer.chat_template"))
 
 
 def _pre_tokenizer(name: str, source: str) -> pre_tokenizers.PreTokenizer:

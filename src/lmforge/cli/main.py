@@ -14,10 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lmforge.cli import infer, train
+from lmforge.cli import export, infer, train
 from lmforge.errors import LmforgeError
 
-VERBS = {**train.VERBS, **infer.VERBS}
+VERBS = {**train.VERBS, **infer.VERBS, **export.VERBS}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
