@@ -69,6 +69,7 @@ class LM:
     path: Path | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
     sentence: SentenceConfig = field(default_factory=SentenceConfig)  # how `embed` pools, normalises, cuts
+    quantization: str | None = None  # how the loaded file stored its weights when not as floats (GGUF "q8_0", "q4_0")
 
     @property
     def config(self) -> ModelConfig:
@@ -297,8 +298,8 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
 
     folder = Path(path)
     if is_gguf_file(folder):
-        model, tokenizer = load_gguf(folder)
-        return _finish(LM(model, tokenizer, folder), dtype, device)
+        model, tokenizer, quantization = load_gguf(folder)
+        return _finish(LM(model, tokenizer, folder, quantization=quantization), dtype, device)
     if folder.is_dir() and is_adapter_only(folder):
         model = merged_model(adapter_base(folder), folder)  # a LoRA run saved without merged weights
     elif (folder / HEAD_CONFIG).is_file():

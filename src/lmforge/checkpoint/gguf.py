@@ -294,8 +294,9 @@ def is_gguf_file(path: str | Path) -> bool:
         return f.read(4) == b"GGUF" or path.suffix == ".gguf"
 
 
-def load_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None]:
-    """The float32 model and the tokenizer of a GGUF file (written by lmforge or llama.cpp's converter)."""
+def load_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None, str | None]:
+    """The float32 model and the tokenizer of a GGUF file (written by lmforge or llama.cpp's converter),
+    and the file's quantization ("q8_0", "q4_0", ...; None for float32 / float16 files)."""
     path = Path(path)
     reader = _read(path)
     fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -309,7 +310,18 @@ def load_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None]:
     model = build_model(config)
     load_checked(unique_state(model), _our_tensors(model, arch, stored, shapes, path), path,
                  hint="was the file written for another model?")
-    return model, read_vocab(fields, str(path))
+    return model, read_vocab(fields, str(path)), quantization_of(fields.get("general.file_type"))
+
+
+def quantization_of(file_type: int | None) -> str | None:
+    """`general.file_type` as a label: None for float files, else llama.cpp's name ("q8_0", "q4_k_m", ...)."""
+    if file_type is None or file_type in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16,
+                                          gguf.LlamaFileType.MOSTLY_BF16):
+        return None
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file type {file_type}"
 
 
 def _read(path: Path) -> GGUFReader:

@@ -132,6 +132,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "lmforge"
     max_model_len: int | None = None
+    quantization: str | None = None  # how the served file stores its weights ("q8_0" GGUF, ...); None = floats
 
 
 class ModelList(BaseModel):
