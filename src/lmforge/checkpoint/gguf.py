@@ -143,19 +143,24 @@ def _gpt2_lacks(c: ModelConfig) -> str | None:
     return next((name for name, present in parts.items() if present), None)
 
 
-def _write_llama(w: GGUFWriter, c: ModelConfig) -> None:
+def _write_shape(w: GGUFWriter, c: ModelConfig) -> None:
+    """The keys every architecture has: lengths, block count, heads, vocabulary."""
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.dim)
     w.add_block_count(c.n_layers)
     w.add_feed_forward_length(c.hidden_dim)
     w.add_head_count(c.n_heads)
+    w.add_vocab_size(c.vocab_size)
+
+
+def _write_llama(w: GGUFWriter, c: ModelConfig) -> None:
+    _write_shape(w, c)
     w.add_head_count_kv(c.n_kv_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
     w.add_rope_dimension_count(c.head_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
     if c.sliding_window is not None:
         w.add_sliding_window(c.sliding_window)
     if c.n_experts:
@@ -190,13 +195,8 @@ def _read_llama(key: Callable[[str], Any], shapes: dict[str, tuple[int, ...]]) -
 
 
 def _write_gpt2(w: GGUFWriter, c: ModelConfig) -> None:
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_head_count(c.n_heads)
+    _write_shape(w, c)
     w.add_layer_norm_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
 
 
 def _read_gpt2(key: Callable[[str], Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:

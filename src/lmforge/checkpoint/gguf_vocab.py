@@ -22,10 +22,11 @@ from typing import Any
 
 import tokenizers
 from gguf import GGUFWriter, TokenType
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.core import bos_eos_processor
 
 # Llama 3's pre-tokenizer regex (tokenizer.json's Split pattern), llama.cpp's "llama-bpe"
 LLAMA3_REGEX = (
@@ -115,7 +116,8 @@ def read_vocab(fields: Mapping[str, Any], source: str) -> Tokenizer | None:
     backend.add_tokens(added)
     special = {f"{name}_token": tokens[fields[f"{KEY}{name}_token_id"]] for name in SPECIAL_IDS
                if fields.get(f"{KEY}{name}_token_id") is not None and fields[f"{KEY}{name}_token_id"] < len(tokens)}
-    backend.post_processor = _post_processor(fields, special, backend)
+    flags = {f"add_{n}_token": fields.get(f"{KEY}add_{n}_token") is True for n in ("bos", "eos")}
+    backend.post_processor = bos_eos_processor(backend, flags, {n: AddedToken(t, special=True) for n, t in special.items()})
     return Tokenizer(backend, special_tokens=special, chat_template=fields.get("tokenizer.chat_template"))
 
 
@@ -126,16 +128,3 @@ def _pre_tokenizer(name: str, source: str) -> pre_tokenizers.PreTokenizer:
         split = pre_tokenizers.Split(tokenizers.Regex(LLAMA3_REGEX), behavior="isolated")
         return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise LmforgeError(f"{source} splits text with llama.cpp's {name!r} pre-tokenizer; lmforge reads 'gpt-2' and 'llama-bpe'")
-
-
-def _post_processor(fields: Mapping[str, Any], special: Mapping[str, str],
-                    backend: tokenizers.Tokenizer) -> processors.TemplateProcessing | None:
-    """`BOS $A EOS`, each part as `add_bos_token` / `add_eos_token` ask."""
-    bos = [special["bos_token"]] if fields.get(f"{KEY}add_bos_token") and "bos_token" in special else []
-    eos = [special["eos_token"]] if fields.get(f"{KEY}add_eos_token") and "eos_token" in special else []
-    if not bos and not eos:
-        return None
-    return processors.TemplateProcessing(
-        single=[*bos, "$A", *eos], pair=[*bos, "$A", *eos, *(f"{t}:1" for t in bos), "$B:1", *(f"{t}:1" for t in eos)],
-        special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys([*bos, *eos])],
-    )
