@@ -55,7 +55,8 @@ def models(tiny_tokenizer) -> dict[str, LM]:
 
 
 def run_llama_cpp(path) -> llama_cpp.Llama:
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, seed=0, verbose=False)
+    """llama.cpp on one thread, keeping the logits of every position (`scores`)."""
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, logits_all=True, verbose=False)
 
 
 def greedy_lmforge(lm: LM, ids: list[int]) -> tuple[list[int], list[torch.Tensor], float]:
@@ -126,7 +127,7 @@ def test_tokenizer_and_chat_template_travel_in_the_file(tmp_path, models):
     for text in [*PROMPTS, CORPUS[:300], "<|im_start|>user\nhi<|im_end|>"]:
         ids = lm.tokenizer.encode(text, add_special_tokens=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, text
-        assert llm.detokenize(ids[1:]).decode() == lm.tokenizer.decode(ids[1:]), text
+        assert llm.detokenize(ids[1:], special=True).decode() == lm.tokenizer.decode(ids[1:]), text
     tok = lm.tokenizer
     assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo?"},

@@ -16,7 +16,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """Load an lmforge checkpoint folder or a Hugging Face folder, telling them apart by config.json."""
     folder = Path(path)
     if not folder.exists():
-        raise LmforgeError(f"{folder} does not exist; pass a run folder (e.g. runs/quickstart) or a Hugging Face model folder")
+        raise LmforgeError(f"{folder} does not exist; pass a run folder (e.g. runs/quickstart), a Hugging Face model folder or a GGUF file")
     if not folder.is_dir():
         raise LmforgeError(f"{folder} is a file; pass the folder that holds config.json and the weights")
     if not (folder / "config.json").is_file():
