@@ -21,7 +21,11 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 PROMPTS = ["The quick brown", "def add(a, b):\n", "Héllo wörld, na", " 你好"]
 STEPS = 32
-Q8_BOUND = 0.05  # q8_0 logits in llama.cpp against lmforge's float32: RMS error / RMS, measured below it
+F32_LOGIT_BOUND = {  # largest |logit difference| on f32 exports (logits reach ~10): the same arithmetic up to
+    "llama": 1e-4, "mixtral": 1e-4,  # summation order (measured ~2e-6);
+    "gpt2": 3e-3,  # ggml's GELU reads a float16 table (measured ~7e-4)
+}
+Q8_BOUND = 0.01  # q8_0 logits in llama.cpp against lmforge float32, RMS error / RMS: measured 0.34-0.41%
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +53,33 @@ def trained_lm(tokenizer, preset_name: str, steps: int = 60, **overrides) -> LM:
 
 @pytest.fixture(scope="module")
 def models(tiny_tokenizer) -> dict[str, LM]:
-    return {"llama": trained_lm(tiny_tokenizer, "tiny-llama", hidden_dim=192),
-            "gpt2": trained_lm(tiny_tokenizer, "tiny-gpt2"),
-            "mixtral": trained_lm(tiny_tokenizer, "tiny-mixtral")}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # built before the per-test one_thread fixture applies
+    try:
+        return {"llama": trained_lm(tiny_tokenizer, "tiny-llama", hidden_dim=192),
+                "gpt2": trained_lm(tiny_tokenizer, "tiny-gpt2"),
+                "mixtral": trained_lm(tiny_tokenizer, "tiny-mixtral")}
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_llama_cpp(path) -> llama_cpp.Llama:
-    """llama.cpp on one thread, keeping the logits of every position (`scores`)."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, logits_all=True, verbose=False)
+    """llama.cpp on one thread, keeping every position's logits (`scores`), with a float32 KV cache (its
+    default, float16, rounds keys and values). Weights stay in plain CPU buffers: ggml's repacked (AMX)
+    weight buffers crashed on the AMX host these tests were written on, and they compute the same."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, logits_all=True,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def greedy_lmforge(lm: LM, ids: list[int]) -> tuple[list[int], list[torch.Tensor], float]:
@@ -98,8 +121,8 @@ def test_llama_cpp_greedy_equals_lmforge_for_32_steps(tmp_path, models, name, dt
         ours, our_rows, margin = greedy_lmforge(reference, ids)
         theirs, their_rows = greedy_llama_cpp(llm, ids)
         assert theirs == ours, f"{prompt!r}: smallest lmforge margin {margin:.4f}"
-        if dtype == "f32":  # the same arithmetic up to summation order
-            assert max((a - b).abs().max().item() for a, b in zip(our_rows, their_rows)) < 1e-3
+        if dtype == "f32":
+            assert max((a - b).abs().max().item() for a, b in zip(our_rows, their_rows)) < F32_LOGIT_BOUND[name]
 
 
 def test_q8_0_logits_stay_close_to_float32(tmp_path, models):
