@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from _helpers import run_cli
-from conftest import save_tiny
 from lmforge.api import LM, load
 from lmforge.checkpoint.gguf import DTYPES, _rope_permute, arch_for, gguf_tensors
 from lmforge.config import preset
@@ -193,7 +192,8 @@ def test_cli_dtypes_match_the_library():
 
 
 def test_export_verb_writes_a_file_lmforge_loads_and_refuses_bert(tmp_path, tiny_tokenizer):
-    folder = save_tiny(tmp_path / "tiny", tiny_tokenizer, hidden_dim=192)
+    folder = tmp_path / "tiny"
+    tiny_lm(tiny_tokenizer, "tiny-llama", hidden_dim=192).save(folder)
     out = tmp_path / "tiny.gguf"
     done = run_cli("export", folder, "--format", "gguf", "--out", out, "--dtype", "q8_0")
     assert done.returncode == 0, done.stderr
@@ -201,7 +201,8 @@ def test_export_verb_writes_a_file_lmforge_loads_and_refuses_bert(tmp_path, tiny
     back, original = load(out), load(folder)
     ids = torch.randint(0, original.config.vocab_size, (1, 16))
     assert math.isclose(logits(back, ids).std().item(), logits(original, ids).std().item(), rel_tol=0.05)
-    bert = save_tiny(tmp_path / "bert", tiny_tokenizer, "tiny-bert")
+    bert = tmp_path / "bert"
+    tiny_lm(tiny_tokenizer, "tiny-bert").save(bert)
     failed = run_cli("export", bert, "--out", tmp_path / "bert.gguf")
     assert failed.returncode == 2 and failed.stderr.startswith("lmforge: error: GGUF export is for decoders")
     assert len(failed.stderr.strip().splitlines()) == 1 and not (tmp_path / "bert.gguf").exists()

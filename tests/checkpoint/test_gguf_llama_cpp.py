@@ -12,13 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CORPUS
 from lmforge.api import LM, load
 from lmforge.config import preset
 from lmforge.models import build_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; pip install -e '.[llama]' builds it")
 
+CORPUS = (  # what the session's tiny tokenizer was trained on (tests/conftest.py), so its merges apply
+    "The quick brown fox jumps over the lazy dog. Héllo wörld, naïve café! 你好，世界。 "
+    "def add(a, b):\n    return a + b\n"
+) * 40
 PROMPTS = ["The quick brown", "def add(a, b):\n", "Héllo wörld, na", " 你好"]
 STEPS = 32
 F32_LOGIT_BOUND = {  # largest |logit difference| on f32 exports (logits reach ~10): the same arithmetic up to
