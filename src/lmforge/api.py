@@ -24,6 +24,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Request, Token, beam_search, speculative_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models.heads import sentence_embeddings
+from lmforge.quantize import quantization_name
 from lmforge.tokenizer import GenerationDefaults, IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -72,6 +73,12 @@ class LM:
     path: Path | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)  # eos ids, sampling defaults
     sentence: SentenceConfig = field(default_factory=SentenceConfig)  # how `embed` pools, normalises, cuts
+    quantization: str | None = None  # how the weights are stored when not as floats: "int8" / "int4"
+    #                                   (lmforge-quantized layers; found from the model when not given), a GGUF type ("q8_0")
+
+    def __post_init__(self) -> None:
+        if self.quantization is None:
+            self.quantization = quantization_name(self.model)
 
     @property
     def config(self) -> ModelConfig:
@@ -249,6 +256,17 @@ class LM:
         if self.tokenizer is not None:
             self.tokenizer.save(folder)
 
+    def save_gguf(self, path: str | Path, dtype: str = "f32") -> None:
+        """One GGUF file that llama.cpp and Ollama run, tokenizer and chat template embedded;
+        `dtype`: "f32", "f16", "q8_0" or "q4_0" (see `checkpoint/gguf.py`)."""
+        from lmforge.checkpoint.gguf import save_gguf
+        from lmforge.quantize import quantized_layers
+
+        if quantized_layers(self.model):
+            raise LmforgeError(f"{self.path or 'this model'} holds lmforge int8/int4 layers, which GGUF does not store; "
+                               "export the float model it was quantized from, with --dtype q8_0 or q4_0")
+        save_gguf(self.model, self.tokenizer, path, dtype)
+
     def save_hf(self, folder: str | Path) -> None:
         """Hugging Face format, loadable by `transformers.AutoModel*.from_pretrained`."""
         save_hf(self.model, folder)
@@ -278,7 +296,7 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) ->
 def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> LM:
     """Open an lmforge run folder or a Hugging Face folder (config.json + safetensors + tokenizer.json).
 
-    Also a classifier or reward model, a quantized folder, and a LoRA run folder that holds only
+    Also a GGUF file (llama.cpp's format: f32, f16, q8_0 or q4_0 tensors, dequantized to float32), a classifier or reward model, a quantized folder, and a LoRA run folder that holds only
     its adapter (the base recorded in adapter_config.json is loaded and the adapter merged).
 
     `dtype` sets the dtype of the weights:
@@ -290,10 +308,14 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
     Parameters and stored buffers take the dtype; buffers computed when the model is built (rotary
     frequencies, sinusoid tables) stay float32, as in transformers, so positions keep their precision.
     """
+    from lmforge.checkpoint.gguf import is_gguf_file, load_gguf
     from lmforge.quantize import is_quantized_folder, load_quantized
     from lmforge.train.setup import adapter_base, is_adapter_only, merged_model
 
     folder = Path(path)
+    if is_gguf_file(folder):
+        model, tokenizer, quantization = load_gguf(folder)
+        return _finish(LM(model, tokenizer, folder, quantization=quantization), dtype, device)
     if folder.is_dir() and is_adapter_only(folder):
         model = merged_model(adapter_base(folder), folder)  # a LoRA run saved without merged weights
     elif (folder / HEAD_CONFIG).is_file():
@@ -304,11 +326,17 @@ def load(path: str | Path, *, dtype: torch.dtype | str | None = None, device: st
         model = load_model(folder)[0]
     if dtype == "auto":
         dtype = stored_dtype(folder)
-    if dtype is not None:
-        cast_weights(model, float_dtype(dtype) if isinstance(dtype, str) else dtype)
-    model = model.to(device).eval()
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
-    return LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder), read_sentence_config(folder))
+    return _finish(LM(model, tokenizer, folder, GenerationDefaults.from_dir(folder), read_sentence_config(folder)),
+                   dtype, device)
+
+
+def _finish(lm: LM, dtype: torch.dtype | str | None, device: str | torch.device) -> LM:
+    """`lm` with its weights cast to `dtype` (None: as loaded; "auto": float32 here) on `device`, in eval mode."""
+    if dtype is not None and dtype != "auto":
+        cast_weights(lm.model, float_dtype(dtype) if isinstance(dtype, str) else dtype)
+    lm.model = lm.model.to(device).eval()
+    return lm
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:

@@ -8,7 +8,8 @@ import sys
 from lmforge.cli.main import VERBS, build_parser
 
 DESIGN_VERBS = {"quickstart", "tokenizer", "prepare", "pretrain", "sft", "classify", "reward", "dpo", "grpo", "lora",
-                "generate", "chat", "serve", "convert", "quantize", "doctor", "rag", "support"}
+                "generate", "chat", "serve", "convert", "export", "quantize", "doctor", "attention", "eval", "drift", "plan",
+                "rag", "support"}
 
 
 def test_help_lists_every_verb_and_loads_no_torch():

@@ -28,7 +28,7 @@ def _model_folder(path: str | Path) -> Path:
     """`path` checked to be an lmforge or Hugging Face model folder, with a one-line error otherwise."""
     folder = Path(path)
     if not folder.exists():
-        raise LmforgeError(f"{folder} does not exist; pass a run folder (e.g. runs/quickstart) or a Hugging Face model folder")
+        raise LmforgeError(f"{folder} does not exist; pass a run folder (e.g. runs/quickstart), a Hugging Face model folder or a GGUF file")
     if not folder.is_dir():
         raise LmforgeError(f"{folder} is a file; pass the folder that holds config.json and the weights")
     if not (folder / "config.json").is_file():

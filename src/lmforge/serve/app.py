@@ -46,7 +46,6 @@ from lmforge.api import LM, load
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine
 from lmforge.generate.engine import Request as EngineRequest
-from lmforge.quantize import quantization_name
 from lmforge.serve.errors import (
     ApiError,
     add_error_handlers,
@@ -205,7 +204,7 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     state, loaded = require_ready(request)
     card = ModelCard(id=state.settings.model_name, created=loaded.created, max_model_len=loaded.max_len,
-                     quantization=quantization_name(loaded.lm.model))
+                     quantization=loaded.lm.quantization)
     return json_response(ModelList(data=[card]))
 
 
@@ -355,8 +354,8 @@ def run_server(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8
     the served model is the assistant's chat model.
     """
     folder = Path(model_path)
-    if not folder.is_dir():
-        raise LmforgeError(f"model folder {folder} does not exist; pass a run folder or a Hugging Face folder")
+    if not folder.exists():
+        raise LmforgeError(f"model {folder} does not exist; pass a run folder, a Hugging Face folder or a GGUF file")
     settings = Settings(model_name=model_name or folder.resolve().name, api_key=api_key or None, n_slots=n_slots,
                         max_queue=max_queue, max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
                         stats_every=stats_every)

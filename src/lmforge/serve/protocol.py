@@ -132,7 +132,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "lmforge"
     max_model_len: int | None = None
-    quantization: str | None = None  # the weights' format: "int8" / "int4" (lmforge-quantized), a GGUF type; None = float
+    quantization: str | None = None  # the weights' format: "int8" / "int4" (lmforge-quantized), a GGUF type ("q8_0"); None = float
 
 
 class ModelList(BaseModel):

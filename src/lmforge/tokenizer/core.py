@@ -148,7 +148,7 @@ class Tokenizer:
         special = [*named.values(), *_extra_tokens(config)]
         _add_tokens_like_transformers(backend, _added_tokens_decoder(config), special)
         if backend.post_processor is None:
-            backend.post_processor = _bos_eos_processor(backend, config, named)
+            backend.post_processor = bos_eos_processor(backend, config, named)
         return cls(
             backend,
             special_tokens={name: named[name].content for name in SPECIAL_TOKEN_NAMES if name in named},
@@ -485,7 +485,7 @@ def _add_tokens_like_transformers(
         backend.add_tokens(tokens)
 
 
-def _bos_eos_processor(
+def bos_eos_processor(
     backend: tokenizers.Tokenizer, config: Mapping[str, Any], named: Mapping[str, AddedToken]
 ) -> processors.TemplateProcessing | None:
     """`BOS $A EOS` as `add_bos_token` / `add_eos_token` ask, for a tokenizer.json with no post-processor."""
