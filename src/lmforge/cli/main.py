@@ -14,10 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lmforge.cli import evaluate, infer, rag, support, train
+from lmforge.cli import embed, evaluate, infer, rag, support, train
 from lmforge.errors import LmforgeError
 
-VERBS = {**train.VERBS, **infer.VERBS, **evaluate.VERBS, **rag.VERBS, **support.VERBS}
+VERBS = {**train.VERBS, **embed.VERBS, **infer.VERBS, **evaluate.VERBS, **rag.VERBS, **support.VERBS}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
