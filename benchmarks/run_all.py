@@ -91,8 +91,8 @@ BENCHMARKS = (
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
     Benchmark("eval_speed", "benchmarks/eval_speed.py", quick_args=("--docs", "12", "--rounds", "1")),
     Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
-    Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2"),
-              ("--sentiment-steps", "30"), needs="../shared/data/sst2"),
+    Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2", "--finetune-embedder"),
+              ("--sentiment-steps", "30", "--embedder-steps", "20"), needs="../shared/data/sst2"),
     Benchmark("diagnose_shift", "examples/diagnose/shift.py", ("--data", "../shared/data"), needs="../shared/data/eng-fra"),
 )
 

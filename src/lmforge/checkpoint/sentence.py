@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lmforge.checkpoint.io import read_json
 from lmforge.errors import LmforgeError
 
 MODULES_FILE = "modules.json"
+SETTINGS_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")  # read beside modules.json
 # sentence-transformers' pooling modes -> `pool_hidden`'s names
 POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last"}
 # the legacy pooling booleans, in the order sentence-transformers concatenates the modes they select
@@ -84,6 +86,21 @@ def read_sentence_config(folder: str | Path) -> SentenceConfig:
                           bool(settings.get("do_lower_case", False)), prompt)
 
 
+def copy_sentence_files(source: str | Path, target: str | Path) -> None:
+    """Copy a folder's sentence-transformers files (modules.json, its module folders, the settings files) into
+    `target`, so a model trained from `source` embeds as it did; nothing when `source` has no modules.json."""
+    source, target = Path(source), Path(target)
+    if not (source / MODULES_FILE).is_file():
+        return
+    for module in _modules(source / MODULES_FILE):
+        path = str(module.get("path", ""))
+        if path and (source / path).is_dir():
+            shutil.copytree(source / path, target / path, dirs_exist_ok=True)
+    for name in (MODULES_FILE, *SETTINGS_FILES):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
 def _modules(path: Path) -> list[dict[str, Any]]:
     try:
         modules = json.loads(path.read_text(encoding="utf-8"))
@@ -115,4 +132,4 @@ def _default_prompt(folder: Path) -> str:
     return (config.get("prompts") or {}).get(name, "") if name else ""
 
 
-__all__ = ["SentenceConfig", "read_sentence_config"]
+__all__ = ["SentenceConfig", "copy_sentence_files", "read_sentence_config"]

@@ -14,11 +14,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lmforge.cli import data_tools, diagnose, evaluate, export, infer, rag, support, train
+from lmforge.cli import data_tools, diagnose, embed, evaluate, export, infer, rag, support, train
 from lmforge.errors import LmforgeError
 
-VERBS = {**train.VERBS, **infer.VERBS, **evaluate.VERBS, **diagnose.VERBS, **data_tools.VERBS, **export.VERBS,
-         **rag.VERBS, **support.VERBS}
+VERBS = {**train.VERBS, **embed.VERBS, **infer.VERBS, **evaluate.VERBS, **diagnose.VERBS, **data_tools.VERBS,
+         **export.VERBS, **rag.VERBS, **support.VERBS}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from lmforge.data import IGNORE_INDEX, mask_tokens
 from lmforge.evaluate.classification import accuracy
 from lmforge.evaluate.logprobs import sequence_logps, token_logps
 from lmforge.evaluate.preference import pair_metrics
+from lmforge.models.heads import sentence_embeddings
 from lmforge.train.distributed import unwrap_model
 from lmforge.train.loop import ObjectiveOutput
 
@@ -85,6 +86,45 @@ def classification(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutpu
     out.metrics["accuracy"] = accuracy(logits, labels)
     return out
 
+
+
+# ---------------------------------------------------------------- embedders: contrastive (query, passage) pairs
+
+
+def multiple_negatives_ranking_loss(queries: Tensor, candidates: Tensor, scale: float = 20.0) -> Tensor:
+    """Per-query loss (B,) of the multiple-negatives ranking loss (Henderson et al., 2017, "Efficient
+    Natural Language Response Suggestion for Smart Reply"; sentence-transformers'
+    `MultipleNegativesRankingLoss`, whose default scale is 20).
+
+    With unit vectors q_i (B, dim) and candidates c_j (C, dim), the first B being the positives
+    (c_i answers q_i) and the rest extra (hard) negatives:
+    L_i = -log( exp(s cos(q_i, c_i)) / sum_j exp(s cos(q_i, c_j)) ),
+    a cross-entropy over scaled cosine similarities in which every other row's passage is a negative.
+    """
+    q = F.normalize(queries.float(), dim=-1)  # (B, dim)
+    c = F.normalize(candidates.float(), dim=-1)  # (C, dim)
+    scores = scale * q @ c.T  # (B, C)
+    return F.cross_entropy(scores, torch.arange(len(q), device=q.device), reduction="none")
+
+
+def contrastive(pooling: str = "mean", scale: float = 20.0) -> Callable:
+    """The multiple-negatives ranking objective on a batch of pairs (data/pairs.py): one target per query.
+
+    Queries, passages and negatives go through the encoder separately and are pooled as `lm.embed`
+    pools (`pooling`); logs the in-batch accuracy (the query's own passage scores highest).
+    """
+
+    def objective(model: nn.Module, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        embed = [sentence_embeddings(model, batch[f"{name}_ids"], batch[f"{name}_mask"], pooling, normalize=False)
+                 for name in ("query", "passage", "negative") if f"{name}_ids" in batch]
+        queries, candidates = embed[0], torch.cat(embed[1:])  # (B, dim), (B + N, dim)
+        losses = multiple_negatives_ranking_loss(queries, candidates, scale)  # (B,)
+        similar = F.normalize(queries.detach(), dim=-1) @ F.normalize(candidates.detach(), dim=-1).T  # (B, B + N)
+        hit = similar.argmax(-1) == torch.arange(len(queries), device=queries.device)  # (B,)
+        metrics = {"loss": losses.mean().item(), "accuracy": hit.float().mean().item()}
+        return ObjectiveOutput(losses.sum(), len(losses), metrics)
+
+    return objective
 
 # ---------------------------------------------------------------- alignment: reward models, DPO, GRPO
 #
