@@ -115,7 +115,7 @@ class KillAfterSave(Callback):
 def run_toy(
     out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
     save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
-    dist_info: DistInfo | None = None,
+    dist_info: DistInfo | None = None, parallel: str = "ddp", resume: str = "auto",
 ) -> TrainResult:
     """Train a fresh ToyLM (same initial weights every time) for `steps` steps into `out`."""
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
@@ -124,7 +124,7 @@ def run_toy(
     loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,
                       eval_every=eval_every, eval_batches=2, save_every=save_every, keep_last=2,
-                      log_every=1, seed=3)
+                      log_every=1, seed=3, parallel=parallel, resume=resume)
     return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save_toy_model,
                  callbacks=callbacks or [], dist_info=dist_info)
 
@@ -139,13 +139,15 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=3)
     parser.add_argument("--kill-after-save", type=int, default=0)
+    parser.add_argument("--parallel", default="ddp")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
     run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
             dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
-            callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info)
+            callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info,
+            parallel=args.parallel)
     cleanup()
 
 
