@@ -1,0 +1,91 @@
+"""FSDP2 (`train.parallel fsdp`) on two torchrun processes on CPU (gloo): the same training as one
+process with the same global batch, sharded DCP checkpoints that resume bit-exactly on two ranks
+and on one process (a different world size), and a consolidated model.safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _ddp_script import run_toy
+from safetensors.torch import load_file
+
+from lmforge.errors import LmforgeError
+from lmforge.train.loop import TrainConfig
+from lmforge.train.report import read_metrics
+from lmforge.train.sharded import SHARDED_DIR
+
+SCRIPT = Path(__file__).with_name("_ddp_script.py")
+ARGS = ["--steps", "4", "--global-batch", "8", "--grad-accum", "2", "--dropout", "0", "--save-every", "2",
+        "--eval-every", "2", "--parallel", "fsdp"]
+# Two ranks sum the gradient shards in another order than one process: float32 rounding only.
+TOLERANCE = 1e-5
+
+
+def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+         "--out", str(out), *ARGS, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def _finish(proc: subprocess.Popen, ok: bool = True) -> None:
+    output, _ = proc.communicate(timeout=180)
+    assert (proc.returncode == 0) == ok, output
+
+
+def _assert_same_run(got: Path, want: Path, tolerance: float) -> None:
+    got_records, want_records = read_metrics(got / "metrics.jsonl"), read_metrics(want / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in got_records] == [(r["kind"], r["step"]) for r in want_records]
+    for got_record, want_record in zip(got_records, want_records):
+        for key in ("loss", "grad_norm", "n_targets", "eval_loss"):
+            if key in want_record:
+                assert abs(got_record[key] - want_record[key]) <= tolerance, (key, got_record, want_record)
+    want_weights = load_file(want / "model.safetensors")
+    got_weights = load_file(got / "model.safetensors")
+    assert got_weights.keys() == want_weights.keys()
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, rtol=0, atol=tolerance)
+
+
+def test_fsdp_matches_one_process_and_resumes_on_two_and_one_rank(tmp_path: Path) -> None:
+    full, killed = _torchrun(tmp_path / "fsdp"), _torchrun(tmp_path / "resumed", "--kill-after-save", "2")
+    run_toy(tmp_path / "single", steps=4, global_batch=8, grad_accum=2, dropout=0.0, save_every=2, eval_every=2)
+    _finish(full)
+    _finish(killed, ok=False)  # SIGKILLed right after the step-2 checkpoint
+
+    # Two FSDP2 ranks train like one process; the run folder holds a consolidated model and the shards.
+    _assert_same_run(tmp_path / "fsdp", tmp_path / "single", TOLERANCE)
+    state = json.loads((tmp_path / "fsdp" / "train_state.json").read_text())
+    assert state["world_size"] == 2 and state["optimizer"] == {"sharded": SHARDED_DIR}
+    assert len(list((tmp_path / "fsdp" / SHARDED_DIR).glob("*.distcp"))) == 2  # one file per rank
+
+    # The checkpoint saved by two ranks resumes on one process (not sharded at all): same trajectory.
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_0000002"
+    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
+    shutil.copytree(tmp_path / "resumed", tmp_path / "one_rank")
+    resume_two = _torchrun(tmp_path / "resumed")
+    run_toy(tmp_path / "one_rank", steps=4, global_batch=8, grad_accum=2, dropout=0.0, save_every=2, eval_every=2,
+            parallel="fsdp")
+    _assert_same_run(tmp_path / "one_rank", tmp_path / "fsdp", TOLERANCE)
+    # ... and on two ranks bit for bit.
+    _finish(resume_two)
+    _assert_same_run(tmp_path / "resumed", tmp_path / "fsdp", 0.0)
+
+
+def test_ddp_checkpoint_is_not_resumed_sharded(tmp_path: Path) -> None:
+    run_toy(tmp_path, steps=2, save_every=0)
+    with pytest.raises(LmforgeError, match="parallel"):
+        TrainConfig(parallel="zero3")
+    # One process is never sharded, so a ddp checkpoint still resumes under parallel fsdp there.
+    result = run_toy(tmp_path, steps=3, save_every=0, parallel="fsdp")
+    assert result.step == 3 and (tmp_path / SHARDED_DIR).is_dir()
