@@ -1,6 +1,6 @@
 """FSDP2 (`train.parallel fsdp`) on two torchrun processes on CPU (gloo): the same training as one
-process with the same global batch, sharded DCP checkpoints that resume bit-exactly on two ranks
-and on one process (a different world size), and a consolidated model.safetensors."""
+process with the same global batch (a tiny Llama: every block sharded on its own), sharded DCP checkpoints that resume bit-exactly on two ranks
+and on one process (a different world size), and a consolidated model folder that transformers loads (after `convert --to hf`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ddp_script import run_toy
+import transformers
+from _ddp_script import VOCAB, run_toy
 from safetensors.torch import load_file
 
+from lmforge.checkpoint.hf import save_hf
+from lmforge.checkpoint.native import load_native
 from lmforge.errors import LmforgeError
 from lmforge.train.loop import TrainConfig
 from lmforge.train.report import read_metrics
@@ -23,7 +26,9 @@ from lmforge.train.sharded import SHARDED_DIR
 
 SCRIPT = Path(__file__).with_name("_ddp_script.py")
 ARGS = ["--steps", "4", "--global-batch", "8", "--grad-accum", "2", "--dropout", "0", "--save-every", "2",
-        "--eval-every", "2", "--parallel", "fsdp"]
+        "--eval-every", "2", "--parallel", "fsdp", "--model", "tiny-llama"]
+TOY = {"steps": 4, "global_batch": 8, "grad_accum": 2, "dropout": 0.0, "save_every": 2, "eval_every": 2,
+       "model_name": "tiny-llama"}  # the same run in this process
 # Two ranks sum the gradient shards in another order than one process: float32 rounding only.
 TOLERANCE = 1e-5
 
@@ -57,9 +62,19 @@ def _assert_same_run(got: Path, want: Path, tolerance: float) -> None:
         torch.testing.assert_close(got_weights[name], tensor, rtol=0, atol=tolerance)
 
 
+def _assert_transformers_loads(folder: Path, hf_folder: Path) -> None:
+    """The consolidated folder loads in lmforge, and its Hugging Face export in transformers with the same logits."""
+    model, _ = load_native(folder)
+    save_hf(model, hf_folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.eval()(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_fsdp_matches_one_process_and_resumes_on_two_and_one_rank(tmp_path: Path) -> None:
     full, killed = _torchrun(tmp_path / "fsdp"), _torchrun(tmp_path / "resumed", "--kill-after-save", "2")
-    run_toy(tmp_path / "single", steps=4, global_batch=8, grad_accum=2, dropout=0.0, save_every=2, eval_every=2)
+    run_toy(tmp_path / "single", **TOY)
     _finish(full)
     _finish(killed, ok=False)  # SIGKILLed right after the step-2 checkpoint
 
@@ -69,13 +84,14 @@ def test_fsdp_matches_one_process_and_resumes_on_two_and_one_rank(tmp_path: Path
     assert state["world_size"] == 2 and state["optimizer"] == {"sharded": SHARDED_DIR}
     assert len(list((tmp_path / "fsdp" / SHARDED_DIR).glob("*.distcp"))) == 2  # one file per rank
 
+    _assert_transformers_loads(tmp_path / "fsdp", tmp_path / "hf")
+
     # The checkpoint saved by two ranks resumes on one process (not sharded at all): same trajectory.
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step_0000002"
     assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
     shutil.copytree(tmp_path / "resumed", tmp_path / "one_rank")
     resume_two = _torchrun(tmp_path / "resumed")
-    run_toy(tmp_path / "one_rank", steps=4, global_batch=8, grad_accum=2, dropout=0.0, save_every=2, eval_every=2,
-            parallel="fsdp")
+    run_toy(tmp_path / "one_rank", **TOY, parallel="fsdp")
     _assert_same_run(tmp_path / "one_rank", tmp_path / "fsdp", TOLERANCE)
     # ... and on two ranks bit for bit.
     _finish(resume_two)
