@@ -20,7 +20,8 @@ Design choices:
   advances, since the step's data was consumed.
 - Exact resume: the checkpoint holds weights, optimizer state, loader positions and RNG
   states of every rank, the monitors and the plot history; a resumed run reproduces the
-  uninterrupted one bit for bit on CPU. Resuming needs the same number of processes.
+  uninterrupted one bit for bit on CPU. DDP resumes on as many processes; `parallel fsdp` writes
+  sharded DCP checkpoints (`sharded.py`) that resume on any number.
 - Under DDP every rank runs this same function on its share of the data; only rank 0 writes
   files and calls callbacks. The objective receives the model as trained (DDP- and/or
   compile-wrapped) for training and the plain module for evaluation; use
