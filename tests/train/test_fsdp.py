@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from lmforge.checkpoint.hf import save_hf
 from lmforge.checkpoint.native import load_native
 from lmforge.errors import LmforgeError
+from lmforge.train import sharded
 from lmforge.train.loop import TrainConfig
-from lmforge.train.report import read_metrics
+from lmforge.train.report import Callback, read_metrics
 from lmforge.train.sharded import SHARDED_DIR
 
 SCRIPT = Path(__file__).with_name("_ddp_script.py")
@@ -105,3 +106,37 @@ def test_ddp_checkpoint_is_not_resumed_sharded(tmp_path: Path) -> None:
     # One process is never sharded, so a ddp checkpoint still resumes under parallel fsdp there.
     result = run_toy(tmp_path, steps=3, save_every=0, parallel="fsdp")
     assert result.step == 3 and (tmp_path / SHARDED_DIR).is_dir()
+
+
+class _Crash(Exception):
+    """Stands for the process dying between writing the shards and putting the folder in place."""
+
+
+class _StartStep(Callback):
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_train_start(self, start_step: int, cfg: TrainConfig) -> None:
+        self.step = start_step
+
+
+def test_interrupted_sharded_save_resumes_from_the_previous_checkpoint(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_toy(tmp_path / "whole", steps=6, save_every=2, parallel="fsdp")
+    publish = sharded.publish
+
+    def crash_at_step_4(tmp: Path, dest: Path, in_place: bool) -> Path:
+        if dest.name == "step_0000004":
+            raise _Crash
+        return publish(tmp, dest, in_place)
+
+    monkeypatch.setattr(sharded, "publish", crash_at_step_4)
+    with pytest.raises(_Crash):
+        run_toy(tmp_path / "run", steps=6, save_every=2, parallel="fsdp")
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004.tmp" / SHARDED_DIR).is_dir()  # shards, not in place
+    monkeypatch.undo()
+    start = _StartStep()
+    run_toy(tmp_path / "run", steps=6, save_every=2, parallel="fsdp", callbacks=[start])
+    assert start.step == 2
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000004.tmp").exists()
+    _assert_same_run(tmp_path / "run", tmp_path / "whole", 0.0)
