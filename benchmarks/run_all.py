@@ -77,6 +77,7 @@ BENCHMARKS = (
     Benchmark("train_throughput", "benchmarks/train_throughput.py", ("--steps", "8"), ("--steps", "2")),
     Benchmark("decode", "benchmarks/decode.py", ("--repeats", "5"), ("--repeats", "1")),
     Benchmark("health_overhead", "benchmarks/health_overhead.py", quick_args=("--rounds", "2", "--layers", "2")),
+    Benchmark("fsdp_memory", "benchmarks/fsdp_memory.py", quick_args=("--layers", "2")),
     Benchmark("serve_load", "benchmarks/serve_load.py", quick_args=("--levels", "1", "16", "--seconds", "10")),
     Benchmark("shakespeare", "benchmarks/shakespeare.py", ("--data", "../shared/data/tinyshakespeare/input.txt"),
               ("--steps", "500"), needs="../shared/data/tinyshakespeare/input.txt"),
