@@ -21,6 +21,7 @@ from lmforge.checkpoint.hf import save_hf
 from lmforge.checkpoint.native import load_native
 from lmforge.errors import LmforgeError
 from lmforge.train import sharded
+from lmforge.train.distributed import init_distributed, shard_model
 from lmforge.train.loop import TrainConfig
 from lmforge.train.report import Callback, read_metrics
 from lmforge.train.sharded import SHARDED_DIR
@@ -99,10 +100,12 @@ def test_fsdp_matches_one_process_and_resumes_on_two_and_one_rank(tmp_path: Path
     _assert_same_run(tmp_path / "resumed", tmp_path / "fsdp", 0.0)
 
 
-def test_ddp_checkpoint_is_not_resumed_sharded(tmp_path: Path) -> None:
+def test_fsdp_settings_are_checked_and_one_process_resumes_a_ddp_checkpoint(tmp_path: Path) -> None:
     run_toy(tmp_path, steps=2, save_every=0)
     with pytest.raises(LmforgeError, match="parallel"):
         TrainConfig(parallel="zero3")
+    with pytest.raises(LmforgeError, match="fsdp_cpu_offload"):
+        shard_model(torch.nn.Linear(2, 2), init_distributed(device="cpu"), "fsdp", "float32", cpu_offload=True)
     # One process is never sharded, so a ddp checkpoint still resumes under parallel fsdp there.
     result = run_toy(tmp_path, steps=3, save_every=0, parallel="fsdp")
     assert result.step == 3 and (tmp_path / SHARDED_DIR).is_dir()

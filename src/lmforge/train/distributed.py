@@ -106,6 +106,9 @@ def shard_model(model: nn.Module, info: DistInfo, parallel: str, precision: str,
     `precision` "bfloat16" computes in bf16 parameters and reduces gradients in float32
     (the sharded master weights stay float32); `cpu_offload` keeps the shards in CPU memory.
     """
+    if cpu_offload and (parallel != "fsdp" or info.device.type == "cpu"):
+        raise LmforgeError("train.fsdp_cpu_offload moves FSDP2 shards from the GPU to CPU memory: it needs "
+                           "train.parallel fsdp and a GPU; drop it on CPU, where the shards already live in CPU memory")
     if parallel != "fsdp" or not info.is_distributed:
         return model
     options: dict[str, Any] = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}

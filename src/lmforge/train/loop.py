@@ -136,7 +136,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard logs to out_dir/tensorboard (needs tensorboard)
     bytes_per_token: float | None = None  # average UTF-8 bytes per token of the eval text, for bits per byte
     parallel: str = "ddp"  # under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: weights, gradients and optimizer state sharded over ranks)
-    fsdp_cpu_offload: bool = False  # with parallel fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory
+    fsdp_cpu_offload: bool = False  # with parallel fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory
     watch_attention: bool = False  # record attention entropy per layer and head at each evaluation (for `lmforge doctor`)
 
     def __post_init__(self) -> None:
