@@ -50,15 +50,14 @@ def _finish(proc: subprocess.Popen, ok: bool = True) -> None:
     assert (proc.returncode == 0) == ok, output
 
 
-def _assert_same_run(got: Path, want: Path, tolerance: float) -> None:
+def _assert_same_run(got: Path, want: Path, tolerance: float, weights: str = "model.safetensors") -> None:
     got_records, want_records = read_metrics(got / "metrics.jsonl"), read_metrics(want / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in got_records] == [(r["kind"], r["step"]) for r in want_records]
     for got_record, want_record in zip(got_records, want_records):
         for key in ("loss", "grad_norm", "n_targets", "eval_loss"):
             if key in want_record:
                 assert abs(got_record[key] - want_record[key]) <= tolerance, (key, got_record, want_record)
-    want_weights = load_file(want / "model.safetensors")
-    got_weights = load_file(got / "model.safetensors")
+    want_weights, got_weights = load_file(want / weights), load_file(got / weights)
     assert got_weights.keys() == want_weights.keys()
     for name, tensor in want_weights.items():
         torch.testing.assert_close(got_weights[name], tensor, rtol=0, atol=tolerance)
@@ -109,6 +108,14 @@ def test_fsdp_settings_are_checked_and_one_process_resumes_a_ddp_checkpoint(tmp_
     # One process is never sharded, so a ddp checkpoint still resumes under parallel fsdp there.
     result = run_toy(tmp_path, steps=3, save_every=0, parallel="fsdp")
     assert result.step == 3 and (tmp_path / SHARDED_DIR).is_dir()
+
+
+def test_fsdp_trains_lora_adapters_on_a_sharded_frozen_base(tmp_path: Path) -> None:
+    two_ranks = _torchrun(tmp_path / "fsdp", "--lora-rank", "4")
+    run_toy(tmp_path / "single", **TOY, lora_rank=4)
+    _finish(two_ranks)
+    _assert_same_run(tmp_path / "fsdp", tmp_path / "single", TOLERANCE, weights="adapter.safetensors")
+    assert not (tmp_path / "fsdp" / "model.safetensors").exists()  # adapters only, as without FSDP2
 
 
 class _Crash(Exception):
