@@ -1,6 +1,8 @@
 """FSDP2 (`train.parallel fsdp`) on two torchrun processes on CPU (gloo): the same training as one
-process with the same global batch (a tiny Llama: every block sharded on its own), sharded DCP checkpoints that resume bit-exactly on two ranks
-and on one process (a different world size), and a consolidated model folder that transformers loads (after `convert --to hf`)."""
+process with the same global batch (a tiny Llama: every block sharded on its own), sharded DCP
+checkpoints that resume bit-exactly on two ranks and on one process (a different world size) and
+survive an interrupted save, LoRA on a sharded frozen base, and a consolidated model folder that
+transformers loads (after `convert --to hf`)."""
 
 from __future__ import annotations
 
