@@ -80,6 +80,7 @@ BENCHMARKS = (
     Benchmark("quant_quality", "benchmarks/quant_quality.py", ("--data", "../shared/data/tinyshakespeare/input.txt"),
               ("--steps", "300"), needs="../shared/data/tinyshakespeare/input.txt"),
     Benchmark("qlora_memory", "benchmarks/qlora_memory.py", ("--steps", "3"), ("--steps", "1", "--layers", "8")),
+    Benchmark("fsdp_memory", "benchmarks/fsdp_memory.py", quick_args=("--layers", "2")),
     Benchmark("serve_load", "benchmarks/serve_load.py", quick_args=("--levels", "1", "16", "--seconds", "10")),
     Benchmark("shakespeare", "benchmarks/shakespeare.py", ("--data", "../shared/data/tinyshakespeare/input.txt"),
               ("--steps", "500"), needs="../shared/data/tinyshakespeare/input.txt"),

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,20 +112,40 @@ class KillAfterSave(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def make_model(name: str, dropout: float, lora_rank: int = 0) -> tuple[nn.Module, Callable[[nn.Module, Path], None]]:
+    """The model to train and its save function: "toy" (ToyLM), or an lmforge preset such as
+    "tiny-llama" (a real decoder whose blocks FSDP2 shards one by one), saved as an lmforge folder
+    (or, with `lora_rank`, as LoRA adapters on the frozen preset)."""
+    if name == "toy":
+        return ToyLM(dropout=dropout), save_toy_model
+    from lmforge.checkpoint.native import save_native
+    from lmforge.config import preset
+    from lmforge.models import build_model
+    from lmforge.train.lora import LoraConfig, apply_lora, save_adapter
+
+    model = build_model(preset(name, vocab_size=VOCAB))
+    if not lora_rank:
+        return model, save_native
+    lora = LoraConfig(rank=lora_rank)
+    apply_lora(model, lora)
+    return model, lambda m, folder: save_adapter(m, lora, folder)
+
+
 def run_toy(
     out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
     save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
-    dist_info: DistInfo | None = None,
+    dist_info: DistInfo | None = None, parallel: str = "ddp", resume: str = "auto", model_name: str = "toy",
+    lora_rank: int = 0,
 ) -> TrainResult:
-    """Train a fresh ToyLM (same initial weights every time) for `steps` steps into `out`."""
+    """Train a fresh model (same initial weights every time) for `steps` steps into `out`."""
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
-    model = ToyLM(dropout=dropout)
+    model, save = make_model(model_name, dropout, lora_rank)
     rank, world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,
                       eval_every=eval_every, eval_batches=2, save_every=save_every, keep_last=2,
-                      log_every=1, seed=3)
-    return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save_toy_model,
+                      log_every=1, seed=3, parallel=parallel, resume=resume)
+    return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save,
                  callbacks=callbacks or [], dist_info=dist_info)
 
 
@@ -139,13 +159,17 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=3)
     parser.add_argument("--kill-after-save", type=int, default=0)
+    parser.add_argument("--parallel", default="ddp")
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--lora-rank", type=int, default=0)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
     run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
             dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
-            callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info)
+            callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info,
+            parallel=args.parallel, model_name=args.model, lora_rank=args.lora_rank)
     cleanup()
 
 

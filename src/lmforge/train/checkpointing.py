@@ -273,9 +273,16 @@ def _write_folder(
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    write_files(folder, model, save_model, tensors, state)
+
+
+def write_files(
+    folder: Path, model: nn.Module, save_model: ModelIO, tensors: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
+    """Write the model, the optimizer tensors and the JSON train state into the existing `folder`."""
     save_model(model, folder)
     save_file(tensors, str(folder / TRAIN_STATE_TENSORS))
-    (folder / TRAIN_STATE_JSON).write_text(json.dumps(state, indent=1))
+    (folder / TRAIN_STATE_JSON).write_text(json.dumps({"format": FORMAT, "version": VERSION, **state}, indent=1))
 
 
 def _move_into(tmp: Path, dest: Path) -> None:
@@ -290,6 +297,22 @@ def _move_into(tmp: Path, dest: Path) -> None:
     tmp.rmdir()
 
 
+def checkpoint_tmp(dest: Path, in_place: bool) -> Path:
+    """The folder a checkpoint for `dest` is written into before `publish` puts it in place."""
+    return dest / FINAL_TMP if in_place else dest.with_name(dest.name + ".tmp")
+
+
+def publish(tmp: Path, dest: Path, in_place: bool) -> Path:
+    """Put the complete checkpoint written in `tmp` in place at `dest` (replacing an older one) and return `dest`."""
+    if in_place:
+        _move_into(tmp, dest)
+    else:
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    return dest
+
+
 def save_checkpoint(
     dest: Path, *, model: nn.Module, save_model: ModelIO,
     optimizer: torch.optim.Optimizer, state: dict[str, Any], in_place: bool = False,
@@ -300,16 +323,9 @@ def save_checkpoint(
     `in_place=True`, `dest` is an existing run folder that keeps its other files.
     """
     tensors, optimizer_meta = optimizer_state_to_flat(optimizer, model)
-    full_state = {"format": FORMAT, "version": VERSION, **state, "optimizer": optimizer_meta}
-    tmp = dest / FINAL_TMP if in_place else dest.with_name(dest.name + ".tmp")
-    _write_folder(tmp, model, save_model, tensors, full_state)
-    if in_place:
-        _move_into(tmp, dest)
-    else:
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    return dest
+    tmp = checkpoint_tmp(dest, in_place)
+    _write_folder(tmp, model, save_model, tensors, {**state, "optimizer": optimizer_meta})
+    return publish(tmp, dest, in_place)
 
 
 def read_train_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -14,6 +14,8 @@ Design choices:
 - Gradients are measured after clipping (the optimizer still holds them) and scaled back by the
   step's clip factor, so the figures are the pre-clip per-layer norms whose total the loop logs
   as `grad_norm`.
+- Under FSDP2 the parameters and gradients are DTensor shards: the norms are taken of each
+  rank's local shard and the per-layer sums of squares added over ranks (one all-reduce).
 - Attention entropy (with `train.watch_attention`) is taken on a fixed probe: the first row of
   the first evaluation batch, so every evaluation looks at the same text.
 """
@@ -26,7 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models.layers import MoE
@@ -42,6 +46,11 @@ def layer_of(name: str) -> str:
     if block:
         return f"block.{block.group(1)}"
     return "embeddings" if any(part in EMBEDDING_NAMES for part in name.split(".")) else "head"
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view), or `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _group_order(name: str) -> tuple[int, int]:
@@ -61,19 +70,23 @@ class HealthRecorder:
         self.groups = sorted(set(labels), key=_group_order)
         index = {g: i for i, g in enumerate(self.groups)}
         self.params = list(params)
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)  # FSDP2: norms of local shards
         self.group_of = torch.tensor([index[label] for label in labels])  # (n_params,)
         self.moe = [m for m in model.modules() if isinstance(m, MoE)]
         self.probe: Tensor | None = None
 
     def snapshot(self) -> list[Tensor]:
         """A copy of the weights, taken just before the optimizer step being measured."""
-        return torch._foreach_mul([p.detach() for p in self.params], 1.0)
+        return torch._foreach_mul([_local(p.detach()) for p in self.params], 1.0)
 
     def _per_layer(self, norms: Sequence[Tensor]) -> Tensor:
         """Per-tensor norms -> per-layer norms (n_groups,), in float64 on the norms' device (no host read)."""
         squares = torch.stack([n.double() for n in norms]) ** 2  # (n_params,)
         group_of = self.group_of.to(squares.device)
-        return torch.zeros(len(self.groups), dtype=torch.float64, device=squares.device).index_add_(0, group_of, squares).sqrt()
+        sums = torch.zeros(len(self.groups), dtype=torch.float64, device=squares.device).index_add_(0, group_of, squares)
+        if self.sharded:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return sums.sqrt()
 
     def measure(self, before: list[Tensor], grad_norm: float, grad_clip: float) -> dict[str, Any]:
         """Per-layer gradient norms (pre-clip) and update/weight ratios of the step just applied.
@@ -81,13 +94,13 @@ class HealthRecorder:
         `before` is `snapshot()` from before the step (overwritten here); `grad_norm` is the
         step's pre-clip total, `grad_clip` the clipping threshold (0 = none).
         """
-        with_grad = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
+        with_grad = [(i, _local(p.grad)) for i, p in enumerate(self.params) if p.grad is not None]
         grads = [torch.zeros((), device=self.params[0].device)] * len(self.params)
         for i, norm in zip([i for i, _ in with_grad], torch._foreach_norm([g for _, g in with_grad]), strict=True):
             grads[i] = norm
         clipped = grad_clip > 0 and grad_norm > grad_clip
         unclip = (grad_norm + 1e-6) / grad_clip if clipped else 1.0
-        weights = [p.detach() for p in self.params]
+        weights = [_local(p.detach()) for p in self.params]
         torch._foreach_sub_(before, weights)  # before - after: the update, negated
         grad_layers = self._per_layer(grads) * unclip
         ratio_layers = self._per_layer(torch._foreach_norm(before)) / self._per_layer(torch._foreach_norm(weights)).clamp_min(1e-12)

@@ -20,7 +20,8 @@ Design choices:
   advances, since the step's data was consumed.
 - Exact resume: the checkpoint holds weights, optimizer state, loader positions and RNG
   states of every rank, the monitors and the plot history; a resumed run reproduces the
-  uninterrupted one bit for bit on CPU. Resuming needs the same number of processes.
+  uninterrupted one bit for bit on CPU. DDP resumes on as many processes; `parallel fsdp` writes
+  sharded DCP checkpoints (`sharded.py`) that resume on any number.
 - Under DDP every rank runs this same function on its share of the data; only rank 0 writes
   files and calls callbacks. The objective receives the model as trained (DDP- and/or
   compile-wrapped) for training and the plain module for evaluation; use
@@ -54,7 +55,9 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate.perplexity import bits_per_byte, perplexity
 from lmforge.models.layers import set_activation_checkpointing
 from lmforge.train import checkpointing as ckpt
+from lmforge.train import sharded
 from lmforge.train.distributed import (
+    PARALLELS,
     DistInfo,
     all_reduce_sum,
     any_rank,
@@ -63,6 +66,8 @@ from lmforge.train.distributed import (
     gather_json,
     init_distributed,
     maybe_no_sync,
+    scale_and_clip_,
+    shard_model,
     wrap_model,
 )
 from lmforge.train.health import HealthRecorder
@@ -130,6 +135,8 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before stopping
     tensorboard: bool = False  # also write TensorBoard logs to out_dir/tensorboard (needs tensorboard)
     bytes_per_token: float | None = None  # average UTF-8 bytes per token of the eval text, for bits per byte
+    parallel: str = "ddp"  # under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2: weights, gradients and optimizer state sharded over ranks)
+    fsdp_cpu_offload: bool = False  # with parallel fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory
     watch_attention: bool = False  # record attention entropy per layer and head at each evaluation (for `lmforge doctor`)
 
     def __post_init__(self) -> None:
@@ -153,6 +160,7 @@ class TrainConfig:
             ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0 turns clipping off)"),
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("parallel", self.parallel in PARALLELS, f"one of {', '.join(PARALLELS)}"),
             ("resume", isinstance(self.resume, str) and self.resume != "", "auto, never, or a checkpoint folder"),
             ("bytes_per_token", self.bytes_per_token is None or self.bytes_per_token > 0, "a number > 0 or null"),
         ]
@@ -226,23 +234,6 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 ParamGroups = Callable[[nn.Module], list[dict[str, Any]]]
-
-
-def scale_and_clip_(params: Iterable[nn.Parameter], scale: Tensor | float, max_norm: float) -> Tensor:
-    """Multiply the gradients by `scale`, then clip them to total norm `max_norm` (as
-    `clip_grad_norm_`), with one multiply of each: the norm is taken before scaling. Each pass over
-    the gradients is ~1 GB of memory traffic for GPT-2 small. Returns the norm of the scaled
-    gradients before clipping, as a float64 tensor on the gradients' device: nothing here waits
-    for the device (`scale` may be a tensor too), and the foreach kernels make it two calls
-    whatever the number of parameters."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    raw = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
-    norm = raw * scale
-    factor = scale * (max_norm / (norm + 1e-6)).clamp(max=1.0)  # float64, on the device
-    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-    return norm
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, param_groups: ParamGroups | None = None) -> torch.optim.AdamW:
@@ -377,6 +368,8 @@ class _Run:
         self.raw = model.to(info.device)  # the plain module: saved, loaded, evaluated
         if cfg.activation_checkpointing:
             set_activation_checkpointing(self.raw)
+        self.skeleton = sharded.meta_copy(self.raw) if cfg.parallel == "fsdp" and info.is_main else None
+        self.raw = shard_model(self.raw, info, cfg.parallel, cfg.precision, cfg.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.raw, cfg, param_groups)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.writer = MetricsWriter(out_dir / "metrics.jsonl")
@@ -430,12 +423,13 @@ class _Run:
     def _resume(self, source: Path) -> dict[str, Any]:
         """Load the checkpoint in `source`; return this rank's RNG state, to be set last."""
         state, tensors = ckpt.read_train_state(source)
-        if state["world_size"] != self.info.world_size:
-            raise LmforgeError(f"checkpoint {source} was written by {state['world_size']} processes; "
-                               f"resume it with the same number (torchrun --nproc_per_node {state['world_size']})")
-        ckpt.load_optimizer_state(self.optimizer, self.raw, source, tensors, state["optimizer"])
-        self.load_model(self.raw, source)
-        self.loader.load_state_dict(state["loader"][self.info.rank])
+        rank = sharded.resume_rank(source, state, self.raw, self.info)
+        if sharded.is_sharded_checkpoint(state):
+            sharded.load_sharded_checkpoint(self.raw, self.optimizer, source)
+        else:
+            ckpt.load_optimizer_state(self.optimizer, self.raw, source, tensors, state["optimizer"])
+            self.load_model(self.raw, source)
+        self.loader.load_state_dict(state["loader"][rank])
         self.step = int(state["step"])
         self.history = state["history"]
         self.last_train_loss = math.nan if state["last_train_loss"] is None else state["last_train_loss"]
@@ -446,7 +440,7 @@ class _Run:
         if self.info.is_main:
             self.writer.truncate_after(self.step)
         log.info("resumed from %s at step %d", source, self.step)
-        return state["rng"][self.info.rank]
+        return state["rng"][rank]
 
     # ------------------------------------------------------------------ one step
 
@@ -564,11 +558,14 @@ class _Run:
     def _save(self, final: bool) -> None:
         state = self._state()  # every rank takes part in the gathers
         dest = self.out_dir if final else ckpt.periodic_checkpoint_dir(self.out_dir, self.step)
-        if self.info.is_main:
+        if self.cfg.parallel == "fsdp":
+            sharded.save_sharded_checkpoint(dest, model=self.raw, skeleton=self.skeleton, save_model=self.save_model,
+                                            optimizer=self.optimizer, state=state, info=self.info, in_place=final)
+        elif self.info.is_main:
             ckpt.save_checkpoint(dest, model=self.raw, save_model=self.save_model, optimizer=self.optimizer,
                                  state=state, in_place=final)
-            if not final:
-                ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_last)
+        if self.info.is_main and not final:
+            ckpt.prune_checkpoints(self.out_dir, self.cfg.keep_last)
         barrier(self.info)
         self.last_checkpoint = dest
         self._notify("on_save", self.step, dest)
