@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.diagnose.plots import new_figure
 from lmforge.errors import LmforgeError
+from lmforge.figures import new_figure, save_figure
 from lmforge.models.probe import attention_maps
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.report import save_figure
 
 LABELLED_TOKENS = 48  # maps label each token up to this length
 
@@ -49,7 +48,7 @@ def plot_attention(maps: AttentionMaps, path: Path, *, layer: int | None = None,
     cols = min(len(heads), 4) if len(chosen) > 1 else 1
     rows = math.ceil(len(chosen) / cols)
     size = 7 if len(chosen) == 1 else 3.5
-    fig = new_figure(size * cols, size * rows)
+    fig = new_figure((size * cols, size * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     labels = [t.replace("\n", "\\n").replace(" ", "\u2423") for t in maps.tokens] if len(maps.tokens) <= LABELLED_TOKENS else None
     for ax, (i, j) in zip(axes.flat, chosen, strict=False):

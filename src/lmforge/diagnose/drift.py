@@ -223,7 +223,7 @@ def perplexity(model: Any, tokenizer: Tokenizer, corpus: Corpus, max_tokens: int
 
 def plot_drift(report: DriftReport, path: str | Path) -> None:
     """drift.png: moved tokens, length distributions, rank-frequency curves, and the headline figures."""
-    from lmforge.train.report import new_figure, save_figure
+    from lmforge.figures import new_figure, save_figure
 
     fig = new_figure((12, 8))
     (moved, lengths), (ranks, text) = fig.subplots(2, 2)

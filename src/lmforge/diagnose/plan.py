@@ -418,7 +418,7 @@ def plot_plan(plan: MemoryPlan, path: str) -> None:
     """plan.png: the parts of the peak, with and without activation checkpointing, against free memory."""
     from pathlib import Path
 
-    from lmforge.train.report import new_figure, save_figure
+    from lmforge.figures import new_figure, save_figure
 
     fig = new_figure((8, 4.5))
     ax = fig.add_subplot()

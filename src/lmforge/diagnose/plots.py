@@ -1,7 +1,7 @@
 """The doctor's picture, doctor.png: the loss, per-layer gradient norms over steps, attention entropy per head.
 
 matplotlib's object API on the Agg canvas (no pyplot, no global backend), written atomically by
-`train/report.py`'s `save_figure`, as loss.png is.
+`lmforge.figures.save_figure`, as loss.png is.
 """
 
 from __future__ import annotations
@@ -11,21 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.diagnose.run import RunHistory
-from lmforge.train.report import save_figure
+from lmforge.figures import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-def new_figure(width: float, height: float) -> Figure:
-    """An empty figure of `width` x `height` inches on the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
 
 def _loss_panel(ax: Axes, run: RunHistory) -> None:
     train, evals = run.series("loss"), run.series("eval_loss", "eval")
@@ -77,7 +67,7 @@ def _entropy_panel(fig: Figure, ax: Axes, run: RunHistory) -> None:
 
 def plot_doctor(run: RunHistory, path: Path) -> None:
     """doctor.png: the loss with spikes marked, gradient norms per layer over steps, attention entropy per head."""
-    fig = new_figure(8, 12)
+    fig = new_figure((8, 12))
     axes = fig.subplots(3, 1)
     _loss_panel(axes[0], run)
     _gradient_panel(fig, axes[1], run)

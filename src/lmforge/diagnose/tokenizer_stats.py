@@ -134,7 +134,7 @@ def stats_table(stats: Sequence[TokenizerStats]) -> list[str]:
 
 def plot_stats(stats: Sequence[TokenizerStats], path: str | Path) -> None:
     """Tokens per word for each file and each writing system, and vocabulary usage, per tokenizer."""
-    from lmforge.train.report import new_figure, save_figure
+    from lmforge.figures import new_figure, save_figure
 
     fig = new_figure((12, 4.5))
     per_file, per_script, usage = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 2, 1]})

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmforge.checkpoint.io import atomic_write, write_json
+from lmforge.checkpoint.io import write_json
 from lmforge.evaluate.harness import TaskResult
 from lmforge.evaluate.task_metrics import higher_is_better
+from lmforge.figures import new_figure, save_figure
 
 ARROWS = {True: "↑", False: "↓"}
 
@@ -90,24 +91,10 @@ def headline(result: TaskResult) -> tuple[str, float] | None:
     return (preferred[0], float(numbers[preferred[0]])) if preferred else None
 
 
-def _figure(size: tuple[float, float]) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 def plot_bars(path: Path, results: Sequence[TaskResult], title: str) -> None:
     """One bar per task (its headline metric, the metric named under the bar) into the PNG `path`."""
     shown = [(r, h) for r in results if (h := headline(r)) is not None]
-    fig = _figure((max(4.0, 1.4 * len(shown) + 2), 4.5))
+    fig = new_figure((max(4.0, 1.4 * len(shown) + 2), 4.5))
     ax = fig.add_subplot()
     labels = [f"{r.name}\n{key.replace(',none', '')} ({r.num_fewshot}-shot)" for r, (key, _) in shown]
     bars = ax.bar(range(len(shown)), [v for _, (_, v) in shown], color="#4C72B0")
@@ -115,13 +102,13 @@ def plot_bars(path: Path, results: Sequence[TaskResult], title: str) -> None:
     ax.set_xticks(range(len(shown)), labels, fontsize=8)
     ax.set(title=title, ylabel="value")
     ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_shots(path: Path, sweep: dict[int, Sequence[TaskResult]], title: str) -> None:
     """Each task's headline accuracy-like metric (higher is better; perplexities do not depend on the
     shots) against the number of few-shot examples into the PNG `path`."""
-    fig = _figure((7.0, 4.5))
+    fig = new_figure((7.0, 4.5))
     ax = fig.add_subplot()
     curves: dict[str, list[tuple[int, float]]] = {}
     for k in sorted(sweep):
@@ -135,7 +122,7 @@ def plot_shots(path: Path, sweep: dict[int, Sequence[TaskResult]], title: str) -
     ax.grid(True, alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 __all__ = ["headline", "plot_bars", "plot_shots", "results_json", "results_table", "write_results"]

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from lmforge.figures import new_figure, save_figure
+
 if TYPE_CHECKING:
     from lmforge.train.loop import TrainConfig, TrainResult
 
@@ -104,24 +106,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 Curve = tuple[Sequence[Sequence[float]], str, str]  # (step, value) points, matplotlib style, label
-
-
-def new_figure(size: tuple[float, float]) -> Any:
-    """A matplotlib Figure drawn off-screen (no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Lay out `fig` and write it to the PNG `path` atomically (a reader never sees half a picture)."""
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
 
 
 def plot_curves(path: Path, curves: Sequence[Curve], *, ylabel: str, title: str) -> None:
