@@ -40,6 +40,7 @@ from lmforge.data.shards import TokenizerLike
 from lmforge.errors import LmforgeError
 
 IN_FLIGHT_PER_WORKER = 2  # batches per worker submitted ahead, so that no worker waits for the reader
+WORKER_BATCH_CHUNKS = 2  # a worker's batch: this many chunk_bytes of input
 _PRELOAD = ["lmforge.data.encoder", "lmforge.tokenizer"]  # imported once by the forkserver
 
 
@@ -82,7 +83,14 @@ def _with_specials(piece: Piece, ids: list[int], tokenizer: TokenizerLike, dtype
     return array.astype(dtype)
 
 
-def batches(pieces: Iterable[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
+def _batch_bytes(workers: int, chunk_bytes: int) -> int:
+    """Input bytes per batch: in this process enough pieces for two per core (the backend's threads
+    stay busy), in a worker a few chunks (each worker encodes on one core)."""
+    chunks = max(8, 2 * (os.cpu_count() or 1)) if workers == 1 else WORKER_BATCH_CHUNKS
+    return chunks * chunk_bytes
+
+
+def _batches(pieces: Iterable[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
     """Consecutive pieces grouped until a group holds at least `batch_bytes` bytes of input."""
     batch: list[Piece] = []
     size = 0
@@ -97,18 +105,19 @@ def batches(pieces: Iterable[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
 
 
 def encode_in_order(
-    batches: Iterable[list[Piece]], tokenizer: TokenizerLike, text_field: str, dtype: np.dtype, workers: int
+    pieces: Iterable[Piece], tokenizer: TokenizerLike, text_field: str, dtype: np.dtype, workers: int,
+    chunk_bytes: int,
 ) -> Iterator[tuple[Piece, Encoded]]:
-    """Every piece of `batches` with its encoding, in order; close the iterator (or exhaust it) to
-    stop the workers."""
+    """Every piece with its encoding, in order; close the iterator (or exhaust it) to stop the workers."""
+    groups = _batches(pieces, _batch_bytes(workers, chunk_bytes))
     if workers == 1:
-        for batch in batches:
+        for batch in groups:
             yield from zip(batch, encode_pieces(batch, tokenizer, text_field, dtype))
         return
     pool = _start_pool(tokenizer, workers)
     pending: deque[tuple[list[Piece], Future[list[Encoded]]]] = deque()
     try:
-        for batch in batches:
+        for batch in groups:
             pending.append((batch, pool.submit(_encode_in_worker, batch, text_field, dtype)))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 yield from _results(*pending.popleft())

@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.encoder import batches, encode_in_order
+from lmforge.data.encoder import encode_in_order
 from lmforge.data.pieces import Piece, iter_pieces, list_input_files
 from lmforge.data.shards import META_FORMAT, META_VERSION, TokenizerLike, tokenizer_identity
 from lmforge.errors import LmforgeError
 
 SPLITS = ("train", "val")
 VAL_SPLITS = ("tail", "documents")
-BATCH_CHUNKS = 8  # pieces of up to this many chunk_bytes are encoded in one call (one task for a worker)
 
 
 @dataclass(frozen=True)
@@ -260,8 +259,7 @@ def _write_splits(
     choose_split = _split_chooser(options, cut_at)
     writers = {split: _SplitWriter(folder, split, dtype, options.shard_tokens) for split in SPLITS}
     pieces = iter_pieces(files, options.chunk_bytes, cut_at)
-    encoded = encode_in_order(batches(pieces, BATCH_CHUNKS * options.chunk_bytes), tokenizer,
-                              options.text_field, dtype, workers)
+    encoded = encode_in_order(pieces, tokenizer, options.text_field, dtype, workers, options.chunk_bytes)
     max_id = -1
     try:
         with closing(encoded):
