@@ -76,3 +76,15 @@ def test_a_giant_line_cut_at_spaces_encodes_as_the_whole_file_with_byte_level_bp
     shards = TokenShards.open(tmp_path / "out")
     expected = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
     assert shards.read(0, shards.n_tokens).tolist() == expected
+
+
+@pytest.mark.parametrize("chunk_bytes", [5, 64, 1000, 1 << 20])
+def test_the_tail_split_and_the_stream_do_not_depend_on_the_chunk_size(tmp_path, chunk_bytes):
+    text = "".join(f"{'word ' * (i % 13)}line {i}\r\n" + "\n" * (i % 3) for i in range(300))
+    path = tmp_path / "a.txt"
+    path.write_text(text, newline="")
+    prepare([path], Bytes(), tmp_path / "out", chunk_bytes=chunk_bytes, val_fraction=0.1)
+    cut = text.index("\n", int(len(text) * 0.9) - 1) + 1  # the first line start at or past the mark
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        shards = TokenShards.open(tmp_path / "out", split)
+        assert shards.read(0, shards.n_tokens).tolist() == [*part.encode(), 256]

@@ -183,8 +183,9 @@ def _ends_visible(body: bytes) -> bool:
 
 
 def _character_boundary(data: bytes, near: int) -> int:
-    """The start of the UTF-8 character at or before `near` (> 0): continuation bytes are 0b10xxxxxx."""
+    """The start of the UTF-8 character at or before `near`: continuation bytes are 0b10xxxxxx, and a
+    character has at most three (invalid UTF-8 is cut anywhere)."""
     k = near
-    while k > 1 and data[k] & 0xC0 == 0x80:
+    while k > max(1, near - 3) and data[k] & 0xC0 == 0x80:
         k -= 1
     return k
