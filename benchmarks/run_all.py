@@ -91,6 +91,8 @@ BENCHMARKS = (
     Benchmark("dpo", "examples/align/dpo_polite.py", quick_args=("--steps", "40")),
     Benchmark("grpo", "examples/align/grpo_addition.py", quick_args=("--steps", "30")),
     Benchmark("eval_speed", "benchmarks/eval_speed.py", quick_args=("--docs", "12", "--rounds", "1")),
+    Benchmark("prepare_speed", "benchmarks/prepare_speed.py", ("--data", "../shared/data"), ("--mb", "8", "--rounds", "2"),
+              needs="../shared/data/tinyshakespeare/input.txt"),
     Benchmark("rag", "benchmarks/rag.py", quick_args=("--sizes", "10000")),
     Benchmark("support", "examples/support/run.py", ("--sentiment-data", "../shared/data/sst2", "--finetune-embedder"),
               ("--sentiment-steps", "30", "--embedder-steps", "20"), needs="../shared/data/sst2"),

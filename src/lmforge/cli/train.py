@@ -148,7 +148,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(args.tokenizer)
-    stats = prepare_with_bar(args.inputs, tok, args.out, text_field=args.text_field, val_fraction=args.eval_fraction)
+    stats = prepare_with_bar(args.inputs, tok, args.out, text_field=args.text_field, val_fraction=args.eval_fraction,
+                             workers=args.workers)
     tok.save(Path(args.out) / "tokenizer")
     print(f"wrote {stats.train.tokens:,} train and {stats.val.tokens:,} validation tokens to {args.out}")
 
@@ -160,6 +161,9 @@ def setup_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--eval-fraction", "--val-fraction", dest="eval_fraction", type=float, default=0.01,
                    help="share of the text held out for evaluation (--val-fraction is the old name)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="encoding processes: 1 (default) encodes here, on every core through the tokenizer's "
+                        "batch encoding; N > 1 uses N processes of one core each (same output)")
     p.set_defaults(func=cmd_prepare)
 
 

@@ -39,7 +39,7 @@ def iter_jsonl_rows(path: str | Path) -> Iterator[JsonlRow]:
     with handle:
         for line_number, raw in enumerate(handle, start=1):
             if raw.strip():
-                yield JsonlRow(line_number, offset, len(raw), _parse_object(raw, path, line_number))
+                yield JsonlRow(line_number, offset, len(raw), parse_object(raw, path, line_number))
             offset += len(raw)
 
 
@@ -49,7 +49,7 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         yield row.data
 
 
-def _parse_object(raw: bytes, path: Path, line_number: int) -> dict[str, Any]:
+def parse_object(raw: bytes, path: Path, line_number: int) -> dict[str, Any]:
     """Decode one line into a dict, or explain in one line why it is not a JSON object."""
     where = f"{path} line {line_number}"
     try:

@@ -1,11 +1,13 @@
 """Text corpora -> token shards on disk (the format `shards.py` reads).
 
 Design choices:
-- `prepare` streams: text files are read and encoded in chunks of about `chunk_bytes`, JSONL files
-  one row at a time, and tokens are appended to the current shard file, which is closed once it
-  holds `shard_tokens` tokens (documents may continue into the next shard). A text chunk ends only
-  between a visible character and a line break, where byte-level BPE pre-tokenizers (GPT-2's
-  regex) split anyway, so chunked and whole-file encodings agree.
+- `prepare` streams: `pieces.py` reads text files in chunks of about `chunk_bytes` and JSONL files
+  one row at a time (where a chunk may end: its docstring), `encoder.py` encodes batches of pieces
+  in this process or in `workers` processes, and the tokens are appended, in input order, to the
+  current shard file, which is closed once it holds `shard_tokens` tokens (documents may continue
+  into the next shard). Memory stays bounded by the chunk size, whatever the corpus size.
+- `workers` only changes the speed, never the output: the same shards, split and meta.json (it is
+  not recorded there).
 - The token dtype is uint16 when the vocabulary fits in 16 bits (half the disk and page cache),
   uint32 otherwise.
 - Documents: each text file and each JSONL row is one document, written as
@@ -29,24 +31,21 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmforge.data.jsonl import iter_jsonl_rows
+from lmforge.data.encoder import encode_in_order
+from lmforge.data.pieces import Piece, iter_pieces, list_input_files
 from lmforge.data.shards import META_FORMAT, META_VERSION, TokenizerLike, tokenizer_identity
 from lmforge.errors import LmforgeError
 
 SPLITS = ("train", "val")
 VAL_SPLITS = ("tail", "documents")
-JSONL_SUFFIX = ".jsonl"
-# Files picked up when an input is a folder (an input named explicitly is read whatever its suffix).
-_PROSE_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".tex", ".html", ".csv", ".tsv", ".yaml", ".yml"}
-_CODE_SUFFIXES = {".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh"}
-TEXT_SUFFIXES = frozenset(_PROSE_SUFFIXES | _CODE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -79,123 +78,6 @@ class _Options:
     shard_tokens: int
     chunk_bytes: int
     seed: int
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def list_input_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """The files `prepare` reads, in order: files as given, folders expanded recursively (sorted).
-
-    Useful to size a progress bar: `sum(p.stat().st_size for p in list_input_files(inputs))`.
-    """
-    if not inputs:
-        raise LmforgeError("no input given; pass at least one text file, .jsonl file or folder")
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files.extend(_text_files_in(item))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise LmforgeError(f"input {item} does not exist; check the path")
-    return files
-
-
-def _text_files_in(folder: Path) -> list[Path]:
-    """Text and JSONL files under `folder`, hidden ones (.git, ...) skipped, sorted by path."""
-    files = sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and (path.suffix.lower() in TEXT_SUFFIXES or path.suffix.lower() == JSONL_SUFFIX)
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
-    if not files:
-        suffixes = ", ".join(sorted(TEXT_SUFFIXES | {JSONL_SUFFIX}))
-        raise LmforgeError(f"folder {folder} has no text files; expected files ending in {suffixes}")
-    return files
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A run of text from one input file, the unit that is encoded at once."""
-
-    path: Path
-    text: str
-    offset: int  # position of the piece in the concatenated input files, in bytes
-    n_input_bytes: int  # bytes of input consumed by the piece (JSON syntax included)
-    starts_document: bool
-    ends_document: bool
-
-
-def _iter_pieces(
-    files: list[Path], text_field: str, chunk_bytes: int, cut_at: int | None
-) -> Iterator[_Piece]:
-    """All pieces of all files in order; a text file is also cut at the first line start past `cut_at`."""
-    offset = 0
-    for path in files:
-        if path.suffix.lower() == JSONL_SUFFIX:
-            pieces = _jsonl_pieces(path, offset, text_field)
-        else:
-            pieces = _text_pieces(path, offset, chunk_bytes, cut_at)
-        for piece in pieces:
-            yield piece
-            offset += piece.n_input_bytes
-
-
-def _text_pieces(path: Path, offset: int, chunk_bytes: int, cut_at: int | None) -> Iterator[_Piece]:
-    """One text file as one document, read in chunks of about `chunk_bytes` bytes.
-
-    A chunk ends between a line's last visible character and its line break, where byte-level BPE
-    pre-tokenizers (GPT-2's regex) split anyway, so chunked and whole-file encodings agree. At the
-    validation cut the document ends at a line start instead.
-    """
-    parts: list[bytes] = []
-    start, size, starts_document = offset, 0, True
-    with path.open("rb") as handle:
-        for line in handle:
-            if parts and cut_at is not None and start < cut_at <= start + size:
-                yield _Piece(path, _decode(parts), start, size, starts_document, True)
-                parts, start, size, starts_document = [], start + size, 0, True
-            parts.append(line)
-            size += len(line)
-            body = line.rstrip(b"\r\n")
-            if size >= chunk_bytes and len(body) < len(line) and _ends_visible(body):
-                newline = line[len(body) :]  # carried over to start the next chunk
-                parts[-1] = body
-                yield _Piece(path, _decode(parts), start, size - len(newline), starts_document, False)
-                start += size - len(newline)
-                parts, size, starts_document = [newline], len(newline), False
-    if parts:
-        yield _Piece(path, _decode(parts), start, size, starts_document, True)
-
-
-def _ends_visible(body: bytes) -> bool:
-    """Whether `body` ends with a character that is not whitespace (Unicode-aware)."""
-    last = body[-4:].decode("utf-8", errors="ignore")[-1:]
-    return bool(last) and not last.isspace()
-
-
-def _decode(lines: list[bytes]) -> str:
-    """UTF-8 text of whole lines; undecodable bytes become U+FFFD rather than stopping prepare."""
-    return b"".join(lines).decode("utf-8", errors="replace")
-
-
-def _jsonl_pieces(path: Path, offset: int, text_field: str) -> Iterator[_Piece]:
-    """Each row's `text_field` as one document."""
-    consumed = 0  # blank lines count towards the next row, so progress adds up to the file size
-    for row in iter_jsonl_rows(path):
-        text = row.data.get(text_field)
-        if not isinstance(text, str):
-            where = f"{path} line {row.line_number}"
-            if text_field not in row.data:
-                keys = ", ".join(sorted(row.data)) or "none"
-                raise LmforgeError(f"{where} has no {text_field!r} field (keys: {keys}); set text_field")
-            raise LmforgeError(f"{where}: {text_field!r} is a {type(text).__name__}, expected a string")
-        n_bytes = row.offset + row.n_bytes - consumed
-        yield _Piece(path, text, offset + consumed, n_bytes, True, True)
-        consumed += n_bytes
 
 
 # ----------------------------------------------------------------------------- writing
@@ -248,32 +130,14 @@ class _SplitWriter:
         }
 
 
-def _piece_ids(piece: _Piece, tokenizer: TokenizerLike, dtype: np.dtype) -> np.ndarray:
-    """Token ids of a piece with the document's bos / eos, checked to fit `dtype`."""
-    ids = tokenizer.encode(piece.text) if piece.text else []
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    if piece.starts_document and bos is not None and bos != eos:
-        ids = [bos, *ids]
-    if piece.ends_document and eos is not None:
-        ids = [*ids, eos]
-    array = np.asarray(ids, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
-        bad = int(array.min()) if array.min() < 0 else int(array.max())
-        raise LmforgeError(
-            f"tokenizer produced token id {bad} while encoding {piece.path}, which does not fit in "
-            f"{dtype.name} (vocab_size is {tokenizer.vocab_size}); the tokenizer's vocab_size is wrong"
-        )
-    return array.astype(dtype)
-
-
-def _split_chooser(options: _Options, cut_at: int | None) -> Callable[[_Piece], str]:
+def _split_chooser(options: _Options, cut_at: int | None) -> Callable[[Piece], str]:
     """A function piece -> "train" | "val" implementing the chosen validation scheme."""
     if options.val_split == "tail":
         return lambda piece: "val" if cut_at is not None and piece.offset >= cut_at else "train"
     rng = np.random.default_rng(options.seed)
     current = "train"
 
-    def choose(piece: _Piece) -> str:
+    def choose(piece: Piece) -> str:
         nonlocal current
         if piece.starts_document:  # one draw per document, in input order
             current = "val" if rng.random() < options.val_fraction else "train"
@@ -290,6 +154,14 @@ def _check_options(options: _Options) -> None:
     if options.shard_tokens < 1 or options.chunk_bytes < 1:
         sizes = f"{options.shard_tokens} and {options.chunk_bytes}"
         raise LmforgeError(f"shard_tokens and chunk_bytes must be positive, got {sizes}")
+
+
+def _check_workers(workers: int) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LmforgeError(
+            f"workers must be a whole number of at least 1, got {workers!r}; 1 encodes in this process, "
+            "N > 1 in N worker processes"
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -335,6 +207,7 @@ def prepare(
     shard_tokens: int = 100_000_000,
     chunk_bytes: int = 1 << 20,
     seed: int = 0,
+    workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> PrepareStats:
     """Tokenize text files, JSONL files and folders of them into train / val shards in `out_dir`.
@@ -342,18 +215,22 @@ def prepare(
     `text_field` is the JSONL key holding the text; `val_fraction` and `val_split` ("tail" or
     "documents", see the module docstring) choose the validation split, `seed` its random draws in
     "documents" mode; `shard_tokens` caps the tokens per .bin file; `chunk_bytes` is how much of a
-    text file is encoded at once. `progress(n)` is called with each number of input bytes just
+    text file is encoded at once. `workers` is the number of processes that encode: 1 (default)
+    encodes here, where lmforge's `Tokenizer` already spreads each batch over every core; N > 1 starts
+    N processes of one core each, which also parse JSONL and decode text in parallel (see
+    `encoder.py`; the output is the same). `progress(n)` is called with each number of input bytes just
     processed (pass `tqdm.update`; the total is the size of `list_input_files(inputs)`).
     """
     files = list_input_files(inputs)
     options = _Options(text_field, val_fraction, val_split, shard_tokens, chunk_bytes, seed)
     _check_options(options)
+    _check_workers(workers)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        meta = _write_splits(files, tokenizer, work, options, progress)
+        meta = _write_splits(files, tokenizer, work, options, workers, progress)
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _replace_folder(work, out_dir)
     except BaseException:
@@ -371,6 +248,7 @@ def _write_splits(
     tokenizer: TokenizerLike,
     folder: Path,
     options: _Options,
+    workers: int,
     progress: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     """Stream every piece of `files` into the split writers; return the content of meta.json."""
@@ -380,14 +258,17 @@ def _write_splits(
         cut_at = int(sum(path.stat().st_size for path in files) * (1.0 - options.val_fraction))
     choose_split = _split_chooser(options, cut_at)
     writers = {split: _SplitWriter(folder, split, dtype, options.shard_tokens) for split in SPLITS}
+    pieces = iter_pieces(files, options.chunk_bytes, cut_at)
+    encoded = encode_in_order(pieces, tokenizer, options.text_field, dtype, workers, options.chunk_bytes)
     max_id = -1
     try:
-        for piece in _iter_pieces(files, options.text_field, options.chunk_bytes, cut_at):
-            ids = _piece_ids(piece, tokenizer, dtype)
-            max_id = max(max_id, int(ids.max())) if ids.size else max_id
-            writers[choose_split(piece)].write(ids, len(piece.text.encode("utf-8")), piece.starts_document)
-            if progress is not None:
-                progress(piece.n_input_bytes)
+        with closing(encoded):
+            for piece, result in encoded:
+                if result.ids.size:
+                    max_id = max(max_id, int(result.ids.max()))
+                writers[choose_split(piece)].write(result.ids, result.n_text_bytes, piece.starts_document)
+                if progress is not None:
+                    progress(piece.n_input_bytes)
     finally:
         for writer in writers.values():
             writer.close()

@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lmforge.data.jsonl import iter_jsonl_rows
-from lmforge.data.prepare import JSONL_SUFFIX, list_input_files
+from lmforge.data.pieces import JSONL_SUFFIX, list_input_files
 from lmforge.data.shards import META_FORMAT, TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
