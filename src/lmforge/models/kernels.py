@@ -23,8 +23,9 @@ once) and callers use oneDNN and PyTorch's own kernels.
 Where `kernels.c` cannot run (no AVX2, not x86-64, or its build failed) but a compiler exists,
 the int8 / int4 matmuls come from `kernels_portable.c` instead (`quantized()` picks; the float
 kernels stay off): plain C99 + OpenMP, compiled for the architecture's baseline and vectorised by
-the compiler, reading the packed weights as the AVX2 kernels do. `LMFORGE_NATIVE=portable` forces
-that path on any CPU (to measure or test it); `LMFORGE_NATIVE=0` switches both off, and
+the compiler; it reads the packed weights too, widening a chunk of a row at a time in L1, never
+the whole float matrix (`benchmarks/decode_portable.py` measures it). `LMFORGE_NATIVE=portable`
+forces that path on any CPU (to measure or test it); `LMFORGE_NATIVE=0` switches both off, and
 quantized layers then dequantize their weights on every step.
 """
 
@@ -75,13 +76,15 @@ def _switched_off() -> str | None:
 
 def _unsupported() -> str | None:
     """Why the AVX2 kernels cannot be used here, or None."""
+    if reason := _switched_off():
+        return reason
     if os.environ.get("LMFORGE_NATIVE", "1") == "portable":
         return "LMFORGE_NATIVE=portable"
     if platform.machine().lower() not in _X86:
         return f"it is written for x86-64, not {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "this CPU has no AVX2/FMA"
-    return _switched_off()
+    return None
 
 
 def _compile(source: Path, flags: list[str]) -> Path:
