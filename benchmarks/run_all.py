@@ -76,6 +76,8 @@ BENCHMARKS = (
     Benchmark("quickstart", "benchmarks/quickstart.py", quick_args=("--steps", "100")),
     Benchmark("train_throughput", "benchmarks/train_throughput.py", ("--steps", "8"), ("--steps", "2")),
     Benchmark("decode", "benchmarks/decode.py", ("--repeats", "5"), ("--repeats", "1")),
+    Benchmark("decode_portable", "benchmarks/decode_portable.py", quick_args=("--repeats", "1", "--new-tokens", "8",
+                                                                              "--threads", "1")),
     Benchmark("health_overhead", "benchmarks/health_overhead.py", quick_args=("--rounds", "2", "--layers", "2")),
     Benchmark("quant_quality", "benchmarks/quant_quality.py", ("--data", "../shared/data/tinyshakespeare/input.txt"),
               ("--steps", "300"), needs="../shared/data/tinyshakespeare/input.txt"),

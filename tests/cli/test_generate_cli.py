@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,10 @@ def test_doctor_says_whether_the_native_kernel_runs():
     off = subprocess.run([sys.executable, "-m", "lmforge.cli", "-v", "doctor"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "LMFORGE_NATIVE": "0"})
     assert "native decode kernels: no" in off.stdout and "LMFORGE_NATIVE=0" in off.stderr
+    if shutil.which("cc"):  # a CPU without AVX2, as LMFORGE_NATIVE=portable makes any CPU look
+        portable = subprocess.run([sys.executable, "-m", "lmforge.cli", "doctor"], capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, "LMFORGE_NATIVE": "portable"})
+        assert "native decode kernels: no" in portable.stdout and "portable int8 / int4 matmuls" in portable.stdout
 
 
 @pytest.mark.parametrize("bits", [8, 4])

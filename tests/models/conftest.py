@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from _helpers import BUILDABLE
@@ -14,4 +16,13 @@ def native() -> kernels.Native:
         pytest.skip("the kernels need an x86-64 CPU with AVX2 and a C compiler")
     built = kernels.native()
     assert built is not None, "a C compiler and AVX2 are here, so the kernels must build"
+    return built
+
+
+@pytest.fixture
+def portable() -> kernels.QuantKernels:
+    if shutil.which("cc") is None:
+        pytest.skip("the portable int8 / int4 kernels need a C compiler")
+    built = kernels.portable()
+    assert built is not None, "a C compiler is here, so the portable kernels must build"
     return built

@@ -81,37 +81,67 @@ def test_no_kernel_when_switched_off(monkeypatch, caplog):
     assert "LMFORGE_NATIVE=0" in caplog.text
 
 
-def test_failed_build_falls_back_and_leaves_no_file(tmp_path, monkeypatch, caplog):
-    if shutil.which("cc") is None or not BUILDABLE:
+@pytest.mark.parametrize(("source", "library"), [("_SOURCE", "native"), ("_PORTABLE_SOURCE", "portable")])
+def test_failed_build_falls_back_and_leaves_no_file(tmp_path, monkeypatch, caplog, source, library):
+    if shutil.which("cc") is None or not (BUILDABLE or library == "portable"):
         pytest.skip("needs a C compiler to fail")
     broken = tmp_path / "kernels.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setattr(kernels, source, broken)
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     with caplog.at_level(logging.INFO, logger=kernels.__name__):
-        assert kernels.native.__wrapped__() is None
+        assert getattr(kernels, library).__wrapped__() is None
     assert "building it failed" in caplog.text
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written library for the next run to load
 
 
 def test_build_is_cached(gemv, tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    built = kernels._compile()
+    built = kernels._compile(kernels._SOURCE, kernels._FLAGS)
     assert built.parent == tmp_path and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
-    assert kernels._compile() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+    assert kernels._compile(kernels._SOURCE, kernels._FLAGS) == built and built.stat().st_mtime_ns == stamp  # not rebuilt
 
 
 def test_damaged_cached_build_is_removed(tmp_path, monkeypatch, caplog):
     if not BUILDABLE:
         pytest.skip("needs a buildable kernel")
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
-    built = kernels._compile()
+    built = kernels._compile(kernels._SOURCE, kernels._FLAGS)
     built.write_bytes(b"not a shared library")
     with caplog.at_level(logging.INFO, logger=kernels.__name__):
         assert kernels.native.__wrapped__() is None
     assert "loading" in caplog.text and not built.exists()
     assert kernels.native.__wrapped__() is not None  # rebuilt
+
+
+def uncached_choice(monkeypatch) -> None:
+    """`kernels.quantized()` deciding afresh (as a new process does) rather than from the cached libraries."""
+    monkeypatch.setattr(kernels, "native", kernels.native.__wrapped__)
+    monkeypatch.setattr(kernels, "portable", kernels.portable.__wrapped__)
+
+
+def test_portable_quantized_matmuls_where_avx2_cannot_run(portable, tmp_path, monkeypatch, caplog):
+    uncached_choice(monkeypatch)
+    monkeypatch.setenv("LMFORGE_NATIVE", "portable")  # forced, as on a CPU without AVX2
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        chosen = kernels.quantized()
+    assert kernels.native() is None and "LMFORGE_NATIVE=portable" in caplog.text  # the float kernels stay off
+    assert type(chosen) is kernels.QuantKernels
+    monkeypatch.setenv("LMFORGE_NATIVE", "1")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")  # not x86: built with the default flags
+    chosen = kernels.quantized()
+    assert type(chosen) is kernels.QuantKernels and "-march=x86-64" not in kernels._portable_flags()
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["kernels_portable"]
+    x, q, scales = torch.randn(3, 40), torch.randint(-127, 128, (5, 40), dtype=torch.int8), torch.rand(5)
+    assert_close(chosen.gemv_quant(x, q, scales, None, None, 8, 64), x @ (q.float() * scales[:, None]).T)
+
+
+def test_no_quantized_kernels_when_switched_off(monkeypatch):
+    uncached_choice(monkeypatch)
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    assert kernels.quantized() is None  # quantized layers dequantize on every step
 
 
 def reference_decode_attention(q, k, v, k_cache, v_cache, columns, allowed):

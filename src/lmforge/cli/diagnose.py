@@ -31,7 +31,9 @@ def environment_lines() -> list[str]:
              f"threads {torch.get_num_threads()} · cuda {torch.cuda.is_available()}"
              + (f" ({torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()})" if torch.cuda.is_available() else ""),
              "native decode kernels: " + (f"yes (built in {kernels.cache_dir()})" if kernels.native()
-                                          else "no, decode uses oneDNN and PyTorch attention (run `lmforge -v doctor` for why)")]
+                                          else "no, decode uses oneDNN and PyTorch attention"
+                                          + (", the portable int8 / int4 matmuls" if kernels.portable() else "")
+                                          + " (run `lmforge -v doctor` for why)")]
     for name in ("tokenizers", "safetensors", "transformers", "fastapi", "uvicorn"):
         try:
             mod = __import__(name)

@@ -19,6 +19,14 @@ by the source and flags, written to a temporary name and renamed. It links the O
 PyTorch has already loaded, so both share one thread pool. Without a compiler, on a CPU without
 AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `native()` is None (logged
 once) and callers use oneDNN and PyTorch's own kernels.
+
+Where `kernels.c` cannot run (no AVX2, not x86-64, or its build failed) but a compiler exists,
+the int8 / int4 matmuls come from `kernels_portable.c` instead (`quantized()` picks; the float
+kernels stay off): plain C99 + OpenMP, compiled for the architecture's baseline and vectorised by
+the compiler; it reads the packed weights too, widening a chunk of a row at a time in L1, never
+the whole float matrix (`benchmarks/decode_portable.py` measures it). `LMFORGE_NATIVE=portable`
+forces that path on any CPU (to measure or test it); `LMFORGE_NATIVE=0` switches both off, and
+quantized layers then dequantize their weights on every step.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8  # the kernel's largest batch of rows; more rows are compute-bound and go to oneDNN
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]  # after the source file
+_PORTABLE_SOURCE = Path(__file__).with_name("kernels_portable.c")
+_X86 = ("x86_64", "amd64")
 
 
 def cache_dir() -> Path:
@@ -49,40 +59,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
 
 
-def _unsupported() -> str | None:
-    """Why the kernels cannot be used here, or None."""
+def _portable_flags() -> list[str]:
+    """The portable library's flags: the architecture's baseline (plain x86-64 there: no AVX2), -O3."""
+    baseline = ["-march=x86-64"] if platform.machine().lower() in _X86 else []
+    return ["-O3", *baseline, "-fopenmp", "-shared", "-fPIC"]
+
+
+def _switched_off() -> str | None:
+    """Why no native code at all may run here (switched off, no compiler), or None."""
     if os.environ.get("LMFORGE_NATIVE", "1") == "0":
         return "LMFORGE_NATIVE=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it is written for x86-64, not {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "this CPU has no AVX2/FMA"
     if shutil.which("cc") is None:
         return "no C compiler (cc) on PATH"
     return None
 
 
-def _compile() -> Path:
-    """The compiled library, built now unless an identical build is cached."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{key}.so"
+def _unsupported() -> str | None:
+    """Why the AVX2 kernels cannot be used here, or None."""
+    if reason := _switched_off():
+        return reason
+    if os.environ.get("LMFORGE_NATIVE", "1") == "portable":
+        return "LMFORGE_NATIVE=portable"
+    if platform.machine().lower() not in _X86:
+        return f"it is written for x86-64, not {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU has no AVX2/FMA"
+    return None
+
+
+def _compile(source: Path, flags: list[str]) -> Path:
+    """The library compiled from `source` with `flags`, built now unless an identical build is cached."""
+    code = source.read_bytes()
+    key = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run(["cc", str(_SOURCE), *_FLAGS, "-o", str(built)], check=True, capture_output=True, text=True)
+        subprocess.run(["cc", str(source), *flags, "-o", str(built)], check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent process sees no file or a whole one
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    """The compiled library, or None (logged) where it cannot be built or loaded here."""
-    reason = _unsupported()
+def _load(source: Path, flags: list[str], reason: str | None, instead: str) -> ctypes.CDLL | None:
+    """The library built from `source`, or None (logged, with what runs `instead`) where `reason`
+    says it cannot be used here or it cannot be built or loaded."""
     if reason is None:
         try:
-            library = _compile()
+            library = _compile(source, flags)
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
             reason = f"building it failed ({detail})"
@@ -92,7 +117,7 @@ def _load() -> ctypes.CDLL | None:
             except OSError as e:
                 library.unlink(missing_ok=True)  # unloadable (damaged?): the next process builds it afresh
                 reason = f"loading {library} failed ({e})"
-    log.info("native kernels unavailable: %s; using oneDNN and PyTorch's own kernels", reason)
+    log.info("native kernels (%s) unavailable: %s; %s", source.name, reason, instead)
     return None
 
 
@@ -109,40 +134,15 @@ def _check_contiguous_cpu_float32(*tensors: Tensor) -> None:
         raise ValueError("this native kernel takes contiguous float32 CPU tensors (one is not contiguous)")
 
 
-class Native:
-    """The compiled kernels behind checked Python signatures."""
+class QuantKernels:
+    """The int8 / int4 decode matmuls of a compiled library (`kernels.c` or `kernels_portable.c`)
+    behind a checked Python signature."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._gemv = library.lmforge_gemv
-        self._gemv.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
-        self._gemv.restype = ctypes.c_int
         self._gemv_quant = library.lmforge_gemv_quant
         self._gemv_quant.argtypes = [ptr] * 6 + [i64] * 3 + [ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
         self._gemv_quant.restype = ctypes.c_int
-        self._attend = library.lmforge_decode_attention
-        self._attend.argtypes = ([ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 5
-                                 + [ctypes.c_float, ptr, ctypes.c_int])
-        self._attend.restype = ctypes.c_int
-        self._gelu = library.lmforge_gelu_tanh
-        self._gelu.argtypes = [ptr, ptr, i64, ctypes.c_int]
-        self._gelu.restype = None
-        self._gelu_backward = library.lmforge_gelu_tanh_backward
-        self._gelu_backward.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
-        self._gelu_backward.restype = None
-
-    def gemv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """`F.linear(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for 1 to MAX_ROWS rows
-        of contiguous x, weight and bias."""
-        n, k = weight.shape
-        if x.shape[-1] != k:
-            raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-        _check_contiguous_cpu_float32(*((x, weight) if bias is None else (x, weight, bias)))
-        y = x.new_empty((*x.shape[:-1], n))
-        b = None if bias is None else bias.data_ptr()
-        if self._gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
-            raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {x.numel() // k}")
-        return y
 
     def gemv_quant(self, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
                    bits: int, group_size: int, avx2_only: bool = False) -> Tensor:
@@ -150,7 +150,8 @@ class Native:
         `quantize.linear`'s int8 rows (`qweight` int8 (N, K), `scales` (N,)) or int4 groups
         (`qweight` uint8 (N, K / 2), `scales` (N, K / group_size), `zeros` uint8 likewise; K a
         multiple of `group_size`, itself a multiple of 32). All contiguous; W is never formed.
-        AVX-512 where the CPU has it, else AVX2 (`avx2_only` forces the latter, for tests)."""
+        `kernels.c`: AVX-512 where the CPU has it, else AVX2 (`avx2_only` forces the latter, for
+        tests); `kernels_portable.c` ignores `avx2_only`."""
         k = x.shape[-1]
         n, packed = qweight.shape
         rows = x.numel() // max(k, 1)
@@ -173,6 +174,40 @@ class Native:
                                   torch.get_num_threads())
         if status:
             raise ValueError(f"gemv_quant takes 1 to {MAX_ROWS} rows, not {rows}")
+        return y
+
+
+class Native(QuantKernels):
+    """The compiled AVX2 kernels (`kernels.c`) behind checked Python signatures."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        super().__init__(library)
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._gemv = library.lmforge_gemv
+        self._gemv.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
+        self._gemv.restype = ctypes.c_int
+        self._attend = library.lmforge_decode_attention
+        self._attend.argtypes = ([ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr] + [i64] * 5
+                                 + [ctypes.c_float, ptr, ctypes.c_int])
+        self._attend.restype = ctypes.c_int
+        self._gelu = library.lmforge_gelu_tanh
+        self._gelu.argtypes = [ptr, ptr, i64, ctypes.c_int]
+        self._gelu.restype = None
+        self._gelu_backward = library.lmforge_gelu_tanh_backward
+        self._gelu_backward.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+        self._gelu_backward.restype = None
+
+    def gemv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """`F.linear(x (..., K), weight (N, K), bias (N,) or None) -> (..., N)` for 1 to MAX_ROWS rows
+        of contiguous x, weight and bias."""
+        n, k = weight.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+        _check_contiguous_cpu_float32(*((x, weight) if bias is None else (x, weight, bias)))
+        y = x.new_empty((*x.shape[:-1], n))
+        b = None if bias is None else bias.data_ptr()
+        if self._gemv(x.data_ptr(), weight.data_ptr(), b, y.data_ptr(), x.numel() // k, n, k, torch.get_num_threads()):
+            raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, not {x.numel() // k}")
         return y
 
     def decode_attention(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, columns: Tensor,
@@ -229,6 +264,19 @@ class Native:
 
 @functools.cache
 def native() -> Native | None:
-    """The native kernels; None where they are unavailable (see the module notes)."""
-    library = _load()
+    """The native (AVX2) kernels; None where they are unavailable (see the module notes)."""
+    library = _load(_SOURCE, _FLAGS, _unsupported(), "using oneDNN and PyTorch's own kernels")
     return None if library is None else Native(library)
+
+
+@functools.cache
+def portable() -> QuantKernels | None:
+    """The portable int8 / int4 matmuls (`kernels_portable.c`); None where no native code may run here."""
+    library = _load(_PORTABLE_SOURCE, _portable_flags(), _switched_off(), "quantized layers dequantize per step")
+    return None if library is None else QuantKernels(library)
+
+
+def quantized() -> QuantKernels | None:
+    """The int8 / int4 decode matmuls: the AVX2 kernels where they run, else the portable ones, else None."""
+    avx2 = native()
+    return avx2 if avx2 is not None else portable()

@@ -179,7 +179,7 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         if (0 < rows <= _NATIVE_ROWS and x.dtype == torch.float32 and x.is_cpu
                 and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-                and (native := kernels.native()) is not None):
+                and (native := kernels.quantized()) is not None):
             flat = x.reshape(rows, self.in_features).contiguous()
             parts = [native.gemv_quant(flat[i : i + kernels.MAX_ROWS], self.qweight, self.scales, self.zeros,
                                        self.bias, self.bits, self.group_size) for i in range(0, rows, kernels.MAX_ROWS)]
