@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from lmforge.train.distributed import DistInfo, cleanup, init_distributed
+from lmforge.train.distributed import DistInfo, cleanup, init_distributed, sharded_init
 from lmforge.train.loop import ObjectiveOutput, TrainConfig, TrainResult, train
 from lmforge.train.report import Callback
 
@@ -138,8 +138,9 @@ def run_toy(
     lora_rank: int = 0,
 ) -> TrainResult:
     """Train a fresh model (same initial weights every time) for `steps` steps into `out`."""
-    torch.manual_seed(0)  # identical initial weights on every rank and in every run
-    model, save = make_model(model_name, dropout, lora_rank)
+    torch.manual_seed(0)  # identical initial weights in every run
+    with sharded_init(dist_info or DistInfo(0, 1, 0, torch.device("cpu")), parallel):  # fsdp: rank 0 builds alone
+        model, save = make_model(model_name, dropout, lora_rank)
     rank, world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,

@@ -21,7 +21,6 @@ Design choices:
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,19 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import LmforgeError
 from lmforge.train.checkpointing import ModelIO, checkpoint_tmp, publish, write_files
-from lmforge.train.distributed import DistInfo, barrier, is_sharded
+from lmforge.train.distributed import DistInfo, barrier, is_sharded, replace_tensors_, to_meta_
 
 SHARDED_DIR = "sharded"
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters and buffers live on the meta device (no memory); ties kept."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -78,9 +67,9 @@ def save_sharded_checkpoint(
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         assert skeleton is not None, "the main rank needs the meta copy of the model to consolidate"
-        skeleton.load_state_dict({k: _own_storage(v) for k, v in full.items()}, assign=True)
+        replace_tensors_(skeleton, lambda name, t: _own_storage(full[name]) if name in full else t)
         write_files(tmp, skeleton, save_model, {}, {**state, "optimizer": {"sharded": SHARDED_DIR}})
-        skeleton.to("meta")  # drop the consolidated weights
+        to_meta_(skeleton)  # drop the consolidated weights
         publish(tmp, dest, in_place)
     barrier(info)
     return dest
