@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, sharded_init
 from lmforge.train.loop import ObjectiveOutput, TrainConfig, TrainResult, train
@@ -131,6 +132,42 @@ def make_model(name: str, dropout: float, lora_rank: int = 0) -> tuple[nn.Module
     return model, lambda m, folder: save_adapter(m, lora, folder)
 
 
+def resident_kib(field: str) -> int:
+    """This process's resident memory from /proc/self/status: "VmRSS" now, "VmHWM" its peak (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def check_sharded_start(out: Path, info: DistInfo) -> None:
+    """Rank 0 saves a tied Qwen2-style model (rotary tables, 72 MB of weights); every rank then loads it as a
+    fine-tuning base and FSDP2-shards it, as `setup.load_base` and the loop do. Writes the peak resident
+    memory this rank added meanwhile, the weights' size and whether the shards hold the saved weights to
+    `start_rank<r>.json`. A tiny model goes through the same steps first, so that what torch loads on
+    first use (meta-device kernels, FSDP2) is not counted."""
+    from lmforge.checkpoint.native import save_native
+    from lmforge.config import preset
+    from lmforge.models import build_model
+    from lmforge.train.distributed import barrier, shard_model
+    from lmforge.train.setup import base_on_main
+
+    for name, size in (("tiny", {}), ("big", dict(dim=512, hidden_dim=1024, n_layers=8, n_heads=8, n_kv_heads=4))):
+        folder = out / f"start_{name}"
+        if info.is_main:
+            torch.manual_seed(0)
+            save_native(build_model(preset("tiny-qwen2", vocab_size=VOCAB, **size)), folder)
+        barrier(info)
+        before = resident_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: from here on, the start-up's peak
+        model = shard_model(base_on_main(folder, info), info, "fsdp", "float32", cpu_offload=False)
+        peak_mb = (resident_kib("VmHWM") - before) / 1024
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    saved = load_file(folder / "model.safetensors")
+    equal = not info.is_main or (full.keys() >= saved.keys() and all(torch.equal(full[k], v) for k, v in saved.items()))
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # DTensors: global sizes
+    (out / f"start_rank{info.rank}.json").write_text(json.dumps({"peak_mb": peak_mb, "weights_mb": weights_mb,
+                                                                 "equal_to_saved": equal}))
+
+
 def run_toy(
     out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
     save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
@@ -163,10 +200,13 @@ def main() -> None:
     parser.add_argument("--parallel", default="ddp")
     parser.add_argument("--model", default="toy")
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--check-sharded-start", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
+    if args.check_sharded_start:
+        check_sharded_start(Path(args.out), info)
     run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
             dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
             callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info,

@@ -1,4 +1,5 @@
-"""FSDP2 (`train.parallel fsdp`) on two torchrun processes on CPU (gloo): the same training as one
+"""FSDP2 (`train.parallel fsdp`) on two torchrun processes on CPU (gloo): a sharded start-up in which
+only rank 0 ever holds the whole model, the same training as one
 process with the same global batch (a tiny Llama: every block sharded on its own), sharded DCP
 checkpoints that resume bit-exactly on two ranks and on one process (a different world size) and
 survive an interrupted save, LoRA on a sharded frozen base, and a consolidated model folder that
@@ -40,6 +41,7 @@ TOLERANCE = 1e-5
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed blocks go back to the kernel: resident memory follows live tensors
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
          "--out", str(out), *ARGS, *extra],
@@ -75,11 +77,22 @@ def _assert_transformers_loads(folder: Path, hf_folder: Path) -> None:
         torch.testing.assert_close(hf(ids).logits, model.eval()(ids), rtol=1e-4, atol=1e-4)
 
 
+def _assert_only_rank0_holds_the_model(folder: Path) -> None:
+    """What `check_sharded_start` measured: rank 0 reads the whole model; rank 1 only ever adds its half
+    (plus one tensor in flight), and both end with the saved weights."""
+    rank0, rank1 = (json.loads((folder / f"start_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["equal_to_saved"] and rank1["equal_to_saved"]
+    assert rank0["peak_mb"] >= rank0["weights_mb"], rank0  # the measure sees a whole model where there is one
+    assert rank1["peak_mb"] < 0.75 * rank1["weights_mb"], rank1
+
+
 def test_fsdp_matches_one_process_and_resumes_on_two_and_one_rank(tmp_path: Path) -> None:
-    full, killed = _torchrun(tmp_path / "fsdp"), _torchrun(tmp_path / "resumed", "--kill-after-save", "2")
+    full = _torchrun(tmp_path / "fsdp", "--check-sharded-start")
+    killed = _torchrun(tmp_path / "resumed", "--kill-after-save", "2")
     run_toy(tmp_path / "single", **TOY)
     _finish(full)
     _finish(killed, ok=False)  # SIGKILLed right after the step-2 checkpoint
+    _assert_only_rank0_holds_the_model(tmp_path / "fsdp")
 
     # Two FSDP2 ranks train like one process; the run folder holds a consolidated model and the shards.
     _assert_same_run(tmp_path / "fsdp", tmp_path / "single", TOLERANCE)

@@ -138,7 +138,7 @@ def run_embed(recipe: dict[str, Any], *, progress: bool = False, report: setup.R
     if data_cfg.mine_index and miner is None:
         raise LmforgeError("data.mine_index needs an index miner: run `lmforge embed-train`, or pass "
                            "miner=lmforge.rag.mining.index_miner(index) to run_embed")
-    model, tokenizer = setup.load_base(ft)
+    model, tokenizer = setup.load_base(ft, init_distributed(), cfg.parallel)
     how = read_sentence_config(ft.base)
     say = report or (lambda line: None)
     train_pairs, eval_pairs = _read_splits(data_cfg, cfg.seed)

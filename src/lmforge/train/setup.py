@@ -51,12 +51,13 @@ from lmforge.config import ModelConfig, build
 from lmforge.data.rows import Collate, RowLoader, iter_row_batches
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.classification import ClassificationReport
+from lmforge.models import build_model
 from lmforge.models.heads import PooledHead, build_head
 from lmforge.quantize import dequantize_model, quantize_model, quantized_layers
 from lmforge.quantize.linear import check_settings
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import load_model_weights
-from lmforge.train.distributed import DistInfo
+from lmforge.train.distributed import DistInfo, gather_json, shards_on_start
 from lmforge.train.loop import Loader, Objective, TrainConfig, TrainResult, train
 from lmforge.train.lora import (
     ADAPTER_CONFIG,
@@ -153,18 +154,34 @@ def seeded(seed: int) -> Iterator[None]:
 # ---------------------------------------------------------------- base model and LoRA
 
 
-def load_base(cfg: FinetuneConfig) -> tuple[nn.Module, Tokenizer]:
-    """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder."""
+def load_base(cfg: FinetuneConfig, info: DistInfo | None = None, parallel: str = "ddp") -> tuple[nn.Module, Tokenizer]:
+    """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder.
+
+    Given the run's `info` and `train.parallel`, a sharded run (fsdp, several processes) reads the
+    weights on the main rank only (`base_on_main`); a quantized base (`finetune.bits`) is read by every rank.
+    """
     if not cfg.base:
         raise LmforgeError("finetune.base is not set; pass --finetune.base MODEL_FOLDER (an lmforge run or a Hugging Face folder)")
     if cfg.bits:
         check_settings(cfg.bits, cfg.group_size)
-    model, _ = load_model(cfg.base)
+    on_main = info is not None and shards_on_start(info, parallel) and not cfg.bits
+    model = base_on_main(cfg.base, info) if on_main else load_model(cfg.base)[0]
     if not (Path(cfg.base) / "tokenizer.json").is_file():
         raise LmforgeError(f"{cfg.base} has no tokenizer.json; fine-tuning reads text, so the model folder needs its tokenizer")
     if cfg.bits:
         quantize_model(model, cfg.bits, cfg.group_size)
     return model, Tokenizer.from_dir(cfg.base)
+
+
+def base_on_main(base: str | Path, info: DistInfo) -> nn.Module:
+    """The model in `base`, read from disk by the main rank only: the others build the architecture the
+    main rank read (its config, sent to them) on the meta device, for `shard_model` to fill their shards."""
+    model = load_model(base)[0] if info.is_main else None
+    config = gather_json(model.config.to_dict() if model is not None else None, info)[0]
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(ModelConfig.from_dict(config))
+    return model
 
 
 def apply_adapters(model: nn.Module, lora: LoraConfig, seed: int, train_modules: Sequence[str] = ()) -> LoraConfig | None:
@@ -341,6 +358,7 @@ __all__ = [
     "RunResult",
     "adapter_base",
     "apply_adapters",
+    "base_on_main",
     "is_adapter_only",
     "load_base",
     "merge_adapter",
