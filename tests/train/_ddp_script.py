@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, sharded_init
 from lmforge.train.loop import ObjectiveOutput, TrainConfig, TrainResult, train
-from lmforge.train.report import Callback
+from lmforge.train.report import Callback, read_metrics
 
 VOCAB = 23
 SEQ_LEN = 9
@@ -168,11 +170,44 @@ def check_sharded_start(out: Path, info: DistInfo) -> None:
                                                                  "equal_to_saved": equal}))
 
 
+def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.Popen:
+    """This script under `torchrun --standalone` with `nproc` ranks, writing into `out` (call `finish` on it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed blocks go back to the kernel: resident memory follows live tensors
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
+         "--out", str(out), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def finish(proc: subprocess.Popen, ok: bool = True) -> None:
+    """Wait for a `torchrun` launch; it must succeed (or, with `ok` False, fail); its output is the message."""
+    output, _ = proc.communicate(timeout=180)
+    assert (proc.returncode == 0) == ok, output
+
+
+def assert_same_run(got: Path, want: Path, tolerance: float, weights: str = "model.safetensors") -> None:
+    """The two run folders logged the same records (losses, norms, counts, eval losses within `tolerance`)
+    and saved the same weights (within `tolerance`)."""
+    got_records, want_records = read_metrics(got / "metrics.jsonl"), read_metrics(want / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in got_records] == [(r["kind"], r["step"]) for r in want_records]
+    for got_record, want_record in zip(got_records, want_records):
+        for key in ("loss", "grad_norm", "n_targets", "eval_loss"):
+            if key in want_record:
+                assert abs(got_record[key] - want_record[key]) <= tolerance, (key, got_record, want_record)
+    want_weights, got_weights = load_file(want / weights), load_file(got / weights)
+    assert got_weights.keys() == want_weights.keys()
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, rtol=0, atol=tolerance)
+
+
 def run_toy(
     out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
     save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
     dist_info: DistInfo | None = None, parallel: str = "ddp", resume: str = "auto", model_name: str = "toy",
-    lora_rank: int = 0,
+    lora_rank: int = 0, cpu_offload: bool = False,
 ) -> TrainResult:
     """Train a fresh model (same initial weights every time) for `steps` steps into `out`."""
     torch.manual_seed(0)  # identical initial weights in every run
@@ -182,7 +217,7 @@ def run_toy(
     loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,
                       eval_every=eval_every, eval_batches=2, save_every=save_every, keep_last=2,
-                      log_every=1, seed=3, parallel=parallel, resume=resume)
+                      log_every=1, seed=3, parallel=parallel, resume=resume, fsdp_cpu_offload=cpu_offload)
     return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save,
                  callbacks=callbacks or [], dist_info=dist_info)
 
@@ -201,16 +236,18 @@ def main() -> None:
     parser.add_argument("--model", default="toy")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--check-sharded-start", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-offload", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    info = init_distributed(device="cpu")
+    info = init_distributed(device=args.device)
     if args.check_sharded_start:
         check_sharded_start(Path(args.out), info)
     run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
             dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
             callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info,
-            parallel=args.parallel, model_name=args.model, lora_rank=args.lora_rank)
+            parallel=args.parallel, model_name=args.model, lora_rank=args.lora_rank, cpu_offload=args.cpu_offload)
     cleanup()
 
 
