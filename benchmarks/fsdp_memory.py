@@ -13,7 +13,7 @@ both runs, and reports:
 - the loss of every step over both ranks' batches: DDP and FSDP2 train the same model on the same data,
   so they must agree to float32 rounding.
 
-    python benchmarks/fsdp_memory.py [--layers 6]         # CPU (gloo); last line: state_ratio=R ... loss_diff=D
+    python benchmarks/fsdp_memory.py [--layers 6]   # CPU (gloo); last line: state_ratio=R ... loss_diff=D ...
     python benchmarks/fsdp_memory.py --device cuda --layers 12 --steps 5   # two GPUs (NCCL); adds fsdp+offload
 """
 
@@ -153,7 +153,9 @@ def main() -> None:
     startup_key = "startup_gpu_mb" if args.device == "cuda" else "startup_mb"
     print(f"state_ratio={fsdp[0]['state_mb'] / ddp[0]['state_mb']:.3f} rss_ratio={fsdp[0]['rss_mb'] / ddp[0]['rss_mb']:.3f} "
           f"startup_rank1_ratio={fsdp[1][startup_key] / ddp[1][startup_key]:.3f} loss_diff={loss_diff:.1e} "
-          f"ddp_state_mb={ddp[0]['state_mb']:.0f} fsdp_state_mb={fsdp[0]['state_mb']:.0f} params_m={ddp[0]['params_m']:.1f}")
+          f"ddp_state_mb={ddp[0]['state_mb']:.0f} fsdp_state_mb={fsdp[0]['state_mb']:.0f} "
+          f"ddp_startup_rank1_mb={ddp[1][startup_key]:.0f} fsdp_startup_rank1_mb={fsdp[1][startup_key]:.0f} "
+          f"weights_mb={ddp[0]['params_m'] * 4e6 / 2**20:.0f} params_m={ddp[0]['params_m']:.1f}")
     if loss_diff > args.tolerance:
         raise SystemExit(f"FSDP2 and DDP losses differ by {loss_diff:.2e} > --tolerance {args.tolerance}")
 
