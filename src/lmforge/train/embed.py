@@ -156,7 +156,8 @@ def run_embed(recipe: dict[str, Any], *, progress: bool = False, report: setup.R
     io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed), ft.base)
     collate = partial(collate_pairs, pad_id=tokenizer.padding_id)
     result = run.fit_rows(model, objectives.contrastive(how.pooling, emb.scale), io, rows, eval_rows, collate)
-    after = score(model) if before is not None else None
+    trained = run.trained_model(model) if eval_rows else None  # every rank: gathered when sharded
+    after = score(trained) if trained is not None else None
     if run.info.is_main:
         copy_sentence_files(Path(ft.base), result.out_dir)
         if after is not None:

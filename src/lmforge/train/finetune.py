@@ -81,8 +81,9 @@ def run_classify(recipe: dict[str, Any], *, progress: bool = False, report: setu
     collate = partial(collate_classification, pad_id=tokenizer.padding_id)
     result = run.fit_rows(model, objectives.classification, io, data.train, data.eval, collate)
     scores = None
-    if data.eval and run.info.is_main:
-        scores = evaluate_classifier(model, iter_row_batches(data.eval, collate, cfg.batch_size), data.labels)
+    trained = run.trained_model(model) if data.eval else None  # every rank: gathered when sharded
+    if trained is not None:
+        scores = evaluate_classifier(trained, iter_row_batches(data.eval, collate, cfg.batch_size), data.labels)
         write_json(result.out_dir / EVAL_REPORT, dataclasses.asdict(scores))
     return setup.RunResult(result, scores)
 

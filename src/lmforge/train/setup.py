@@ -18,6 +18,9 @@ Design choices:
   position and RNG states, so the run continues bit for bit. At the end, `finetune.merge` (on by
   default) writes the merged model beside the adapter, so `lmforge.load(out_dir)` needs no base;
   an adapter-only folder opens too (`merged_model` loads its recorded base).
+- **Work after training sees the whole model.** The merged export and a verb's final scores run
+  on the main rank on `Run.trained_model`: under `train.parallel fsdp` the model is sharded, so
+  every rank takes part in gathering it (`sharded.full_model_on_main`) and rank 0 alone uses it.
 - **One seeding rule.** Parts the setup creates (a head's `score` layer, LoRA's A matrices, a
   pretrained model's initial weights) are drawn inside `seeded(train.seed)`, from a generator
   forked off the global one: the same in every run and on every rank, so a resumed run rebuilds
@@ -57,7 +60,7 @@ from lmforge.quantize import dequantize_model, quantize_model, quantized_layers
 from lmforge.quantize.linear import check_settings
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import load_model_weights
-from lmforge.train.distributed import DistInfo, gather_json, shards_on_start
+from lmforge.train.distributed import DistInfo, gather_json, meta_copy, shards_on_start
 from lmforge.train.loop import Loader, Objective, TrainConfig, TrainResult, train
 from lmforge.train.lora import (
     ADAPTER_CONFIG,
@@ -71,6 +74,7 @@ from lmforge.train.lora import (
     save_adapter,
 )
 from lmforge.train.report import Callback, ProgressBar
+from lmforge.train.sharded import full_model_on_main
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +283,33 @@ class Run:
     progress: bool = False  # show a progress bar
     callbacks: Sequence[Callback] = ()
     merge: bool = False  # with LoRA: write the merged model at the end (`finetune.merge`)
+    _skeleton: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # fsdp: the model before sharding, on meta
+    _whole: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # trained_model's answer
+    _gathered: bool = dataclasses.field(default=False, init=False, repr=False)  # trained_model has run
 
     def fit(self, model: nn.Module, objective: Objective, io: RunIO, loader: Loader,
             make_eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None = None) -> TrainResult:
-        """The one loop with this run's checkpoint functions and progress bar; LoRA merged at the end."""
+        """The one loop with this run's checkpoint functions and progress bar; LoRA merged at the end
+        (a collective under fsdp: call it on every rank)."""
         cbs = [*self.callbacks, *([ProgressBar(self.train.steps)] if self.progress else [])]
+        if shards_on_start(self.info, self.train.parallel) and self.info.is_main:
+            self._skeleton = meta_copy(model)  # no memory: what `trained_model` fills with the gathered weights
         result = train(model, objective, loader, self.train, self.out_dir, make_eval_batches=make_eval_batches,
                        save_model=io.save, load_model=io.load, callbacks=cbs, dist_info=self.info)
-        if io.lora is not None and self.merge and self.info.is_main:
-            io.export_merged(model, self.out_dir)
+        if io.lora is not None and self.merge:
+            whole = self.trained_model(model)
+            if whole is not None:
+                io.export_merged(whole, self.out_dir)
         return result
+
+    def trained_model(self, model: nn.Module) -> nn.Module | None:
+        """After `fit(model, ...)`: the whole trained model on the main rank, on this rank's device
+        (with LoRA and `finetune.merge`, already merged); None on the other ranks. Sharded (fsdp), it is
+        gathered from every rank the first time, so every rank must call this; unsharded it is `model`."""
+        if not self._gathered:
+            whole = full_model_on_main(model, self._skeleton, self.info)
+            self._whole, self._gathered = (whole.to(self.info.device) if whole is not None else None), True
+        return self._whole
 
     def fit_rows(self, model: nn.Module, objective: Objective, io: RunIO, rows: Sequence[Any],
                  eval_rows: Sequence[Any], collate: Collate) -> TrainResult:
