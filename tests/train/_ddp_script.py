@@ -172,12 +172,20 @@ def check_sharded_start(out: Path, info: DistInfo) -> None:
 
 def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.Popen:
     """This script under `torchrun --standalone` with `nproc` ranks, writing into `out` (call `finish` on it)."""
+    return _launch([__file__, "--out", str(out), *args], nproc)
+
+
+def torchrun_cli(*args: str, nproc: int = 2) -> subprocess.Popen:
+    """`lmforge ARGS...` under `torchrun --standalone` with `nproc` ranks, as a user launches it (call `finish` on it)."""
+    return _launch(["-m", "lmforge.cli", *args], nproc)
+
+
+def _launch(target: list[str], nproc: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed blocks go back to the kernel: resident memory follows live tensors
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
-         "--out", str(out), *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 

@@ -3,7 +3,8 @@ only rank 0 ever holds the whole model, the same training as one
 process with the same global batch (a tiny Llama: every block sharded on its own), sharded DCP
 checkpoints that resume bit-exactly on two ranks and on one process (a different world size) and
 survive an interrupted save, LoRA on a sharded frozen base, and a consolidated model folder that
-transformers loads (after `convert --to hf`)."""
+transformers loads (after `convert --to hf`); `lmforge sft` and `lmforge classify` with LoRA under fsdp end
+with the merged model (and classify's final scores) of one process."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from _ddp_script import VOCAB, assert_same_run, finish, run_toy, torchrun
+from _ddp_script import VOCAB, assert_same_run, finish, run_toy, torchrun, torchrun_cli
 
+import lmforge
 from lmforge.checkpoint.hf import save_hf
 from lmforge.checkpoint.native import load_native
 from lmforge.errors import LmforgeError
 from lmforge.train import sharded
 from lmforge.train.distributed import PARALLELS, init_distributed, shard_model
+from lmforge.train.finetune import EVAL_REPORT, run_classify, run_sft
 from lmforge.train.loop import TrainConfig
 from lmforge.train.report import Callback
 from lmforge.train.sharded import SHARDED_DIR
@@ -99,12 +102,40 @@ def test_fsdp_settings_are_checked_and_one_process_resumes_a_ddp_checkpoint(tmp_
     assert result.step == 3 and (tmp_path / SHARDED_DIR).is_dir()
 
 
-def test_fsdp_trains_lora_adapters_on_a_sharded_frozen_base(tmp_path: Path) -> None:
-    two_ranks = torchrun_fsdp(tmp_path / "fsdp", "--lora-rank", "4")
-    run_toy(tmp_path / "single", **TOY, lora_rank=4)
-    finish(two_ranks)
-    assert_same_run(tmp_path / "fsdp", tmp_path / "single", TOLERANCE, weights="adapter.safetensors")
-    assert not (tmp_path / "fsdp" / "model.safetensors").exists()  # adapters only, as without FSDP2
+def _lora_recipe(recipe, base: Path, data: Path, out: Path, **train: object) -> dict:
+    """Three LoRA steps of a global batch of 8 rows, a quarter of the rows held out for the final evaluation."""
+    return recipe(base, data, out, data={"eval_fraction": 0.25}, lora={"rank": 4, "alpha": 8.0},
+                  train={"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, **train})
+
+
+def test_lora_verbs_under_fsdp_end_with_the_merged_model_and_scores_of_one_process(recipe, tiny_lm_dir, capitals_jsonl,
+                                                                                    jsonl, tmp_path: Path) -> None:
+    """The end of a LoRA run (the merged export, classify's final scores) needs the whole model: under fsdp every
+    rank gathers it for rank 0. Two ranks of 4 rows through the CLI against one process with 2 micro-batches of 4."""
+    words = ["good", "great", "bad", "awful", "the", "film", "plot"]
+    reviews = jsonl("reviews.jsonl", [{"text": " ".join(words[(i * k) % 7] for k in (1, 2, 3)), "label": "pos" if i % 2 else "neg"}
+                                      for i in range(32)])
+    data = {"sft": capitals_jsonl, "classify": reviews}
+    launches = []
+    for verb, rows in data.items():
+        config = tmp_path / f"{verb}.yaml"  # JSON is YAML
+        config.write_text(json.dumps(_lora_recipe(recipe, tiny_lm_dir, rows, tmp_path / verb / "fsdp", parallel="fsdp")))
+        launches.append(torchrun_cli(verb, "--config", str(config)))
+    run_sft(_lora_recipe(recipe, tiny_lm_dir, capitals_jsonl, tmp_path / "sft" / "single", grad_accum=2))
+    single = run_classify(_lora_recipe(recipe, tiny_lm_dir, reviews, tmp_path / "classify" / "single", grad_accum=2))
+    for launch in launches:
+        finish(launch)
+
+    for verb in data:
+        for weights in ("adapter.safetensors", "model.safetensors"):  # trained adapters on a sharded frozen base; merged
+            assert_same_run(tmp_path / verb / "fsdp", tmp_path / verb / "single", TOLERANCE, weights=weights)
+    assert_same_run(tmp_path / "classify" / "fsdp", tmp_path / "classify" / "single", TOLERANCE, weights="head.safetensors")
+    report = json.loads((tmp_path / "classify" / "fsdp" / EVAL_REPORT).read_text())
+    assert report["n"] == single.eval_report.n == 8 and report["confusion"] == single.eval_report.confusion
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = (lmforge.load(tmp_path / "sft" / run).model.eval()(ids) for run in ("fsdp", "single"))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # float32 sums in another order, through 2 layers
 
 
 class _Crash(Exception):
