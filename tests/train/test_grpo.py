@@ -152,7 +152,7 @@ def test_grpo_refuses_to_shard_the_policy_it_samples_from(tiny_lm_dir, rewards_p
     two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # no process group needed:
     monkeypatch.setattr(grpo_module, "init_distributed", lambda: two_ranks)  # the check comes before any collective
     recipe = grpo_recipe(tiny_lm_dir, prompts_file(tmp_path), rewards_py, tmp_path / "run", 1)
-    with pytest.raises(LmforgeError, match=r"^grpo samples its rollouts .* fsdp shards it; use --train.parallel ddp$"):
+    with pytest.raises(LmforgeError, match=r"^grpo samples its rollouts .* every rank; train.parallel fsdp shards it: use --train.parallel ddp$"):
         run_grpo({**recipe, "train": {**recipe["train"], "parallel": "fsdp"}})
 
 

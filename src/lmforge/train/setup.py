@@ -302,6 +302,13 @@ class Run:
                 io.export_merged(whole, self.out_dir)
         return result
 
+    def require_unsharded(self, what: str) -> None:
+        """Fail in one line when this run would shard its model (fsdp on several processes) for a verb that
+        cannot train sharded: `what` says which of its work needs the whole model on every rank."""
+        if shards_on_start(self.info, self.train.parallel):
+            raise LmforgeError(f"{what}, which needs the whole model on every rank; train.parallel fsdp shards it: "
+                               "use --train.parallel ddp")
+
     def trained_model(self, model: nn.Module) -> nn.Module | None:
         """After `fit(model, ...)`: the whole trained model on the main rank, on this rank's device
         (with LoRA and `finetune.merge`, already merged); None on the other ranks. Sharded (fsdp), it is
