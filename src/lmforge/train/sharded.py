@@ -18,7 +18,7 @@ Design choices:
   the main rank keeps them) into a meta-device copy of the model taken before sharding, so the
   caller's `save_model` sees a plain module of the right class. `full_model_on_main` is that
   gather on its own: whatever rank-0-only work needs the whole trained model (the merged LoRA
-  export, classify's final scores, embed's retrieval scores) goes through it, on every rank,
+  export, classify's final scores; `setup.Run.trained_model`) goes through it, on every rank,
   since gathering shards is a collective that deadlocks or fails when one rank calls it alone.
 """
 
