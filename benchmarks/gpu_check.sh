@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the GPU-marked tests, GPT-2-124M training MFU against the GPU's bf16
-# matmul peak, and decode tokens/s at batch 1 and 64. Run from the repository root:
-#   bash benchmarks/gpu_check.sh            # DEVICE=cpu and a tiny model check the script itself on a CPU
-# Not yet here: 2-GPU FSDP vs DDP losses (train.parallel: fsdp is not built yet).
+# On a machine with CUDA GPUs: the GPU-marked tests, GPT-2-124M training MFU against the GPU's bf16 matmul
+# peak, decode tokens/s at batch 1 and 64, and, when `nvidia-smi -L` lists two GPUs or more, FSDP2 against
+# DDP on two GPUs (the losses of 5 steps must agree; memory per rank for DDP, FSDP2 and FSDP2 with CPU
+# offload; start-up memory per rank). One prepared run of a few minutes; from the repository root:
+#   bash benchmarks/gpu_check.sh             # on the GPU machine
+#   DEVICE=cpu bash benchmarks/gpu_check.sh  # every command of the script on a CPU with tiny sizes (FSDP2 on
+#                                            # two gloo processes): checks the script itself, measures nothing
 set -euo pipefail
 DEVICE="${DEVICE:-cuda}"
 export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DEVICE" = cuda ]; then
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
   python -m pytest -q -m cuda -p no:cacheprovider
   python benchmarks/train_throughput.py --device cuda --batch 16 --seq-len 1024 --steps 10
-  PRESET=gpt2 NEW=128
+  PRESET=gpt2 NEW=128 FSDP_ARGS="--device cuda --layers 12 --steps 5 --tolerance 1e-3"
 else
-  PRESET=tiny-gpt2 NEW=8
+  GPUS=2  # FSDP2 against DDP on two gloo processes
+  python -m pytest -q -m cuda -p no:cacheprovider tests/train/test_gpu.py  # collected, then skipped without CUDA
+  python benchmarks/train_throughput.py --device cpu --batch 1 --seq-len 32 --steps 1 --layers 1
+  PRESET=tiny-gpt2 NEW=8 FSDP_ARGS="--device cpu --layers 1 --steps 2"
+fi
+
+if [ "$GPUS" -ge 2 ]; then
+  python benchmarks/fsdp_memory.py $FSDP_ARGS
+else
+  echo "FSDP2 against DDP: skipped, it needs two GPUs (nvidia-smi -L lists $GPUS)"
 fi
 
 DEVICE="$DEVICE" PRESET="$PRESET" NEW="$NEW" python - <<'PY'

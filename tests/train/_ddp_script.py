@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lmforge.train.distributed import DistInfo, cleanup, init_distributed
+from lmforge.train.distributed import DistInfo, cleanup, init_distributed, sharded_init
 from lmforge.train.loop import ObjectiveOutput, TrainConfig, TrainResult, train
-from lmforge.train.report import Callback
+from lmforge.train.report import Callback, read_metrics
 
 VOCAB = 23
 SEQ_LEN = 9
@@ -131,20 +134,98 @@ def make_model(name: str, dropout: float, lora_rank: int = 0) -> tuple[nn.Module
     return model, lambda m, folder: save_adapter(m, lora, folder)
 
 
+def resident_kib(field: str) -> int:
+    """This process's resident memory from /proc/self/status: "VmRSS" now, "VmHWM" its peak (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def check_sharded_start(out: Path, info: DistInfo) -> None:
+    """Rank 0 saves a tied Qwen2-style model (rotary tables, 72 MB of weights); every rank then loads it as a
+    fine-tuning base and FSDP2-shards it, as `setup.load_base` and the loop do. Writes the peak resident
+    memory this rank added meanwhile, the weights' size and whether the shards hold the saved weights to
+    `start_rank<r>.json`. A tiny model goes through the same steps first, so that what torch loads on
+    first use (meta-device kernels, FSDP2) is not counted."""
+    from lmforge.checkpoint.native import save_native
+    from lmforge.config import preset
+    from lmforge.models import build_model
+    from lmforge.train.distributed import barrier, shard_model
+    from lmforge.train.setup import base_on_main
+
+    for name, size in (("tiny", {}), ("big", dict(dim=512, hidden_dim=1024, n_layers=8, n_heads=8, n_kv_heads=4))):
+        folder = out / f"start_{name}"
+        if info.is_main:
+            torch.manual_seed(0)
+            save_native(build_model(preset("tiny-qwen2", vocab_size=VOCAB, **size)), folder)
+        barrier(info)
+        before = resident_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: from here on, the start-up's peak
+        model = shard_model(base_on_main(folder, info), info, "fsdp", "float32", cpu_offload=False)
+        peak_mb = (resident_kib("VmHWM") - before) / 1024
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    saved = load_file(folder / "model.safetensors")
+    equal = not info.is_main or (full.keys() >= saved.keys() and all(torch.equal(full[k], v) for k, v in saved.items()))
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # DTensors: global sizes
+    (out / f"start_rank{info.rank}.json").write_text(json.dumps({"peak_mb": peak_mb, "weights_mb": weights_mb,
+                                                                 "equal_to_saved": equal}))
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.Popen:
+    """This script under `torchrun --standalone` with `nproc` ranks, writing into `out` (call `finish` on it)."""
+    return _launch([__file__, "--out", str(out), *args], nproc)
+
+
+def torchrun_cli(*args: str, nproc: int = 2) -> subprocess.Popen:
+    """`lmforge ARGS...` under `torchrun --standalone` with `nproc` ranks, as a user launches it (call `finish` on it)."""
+    return _launch(["-m", "lmforge.cli", *args], nproc)
+
+
+def _launch(target: list[str], nproc: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # freed blocks go back to the kernel: resident memory follows live tensors
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def finish(proc: subprocess.Popen, ok: bool = True) -> None:
+    """Wait for a `torchrun` launch; it must succeed (or, with `ok` False, fail); its output is the message."""
+    output, _ = proc.communicate(timeout=180)
+    assert (proc.returncode == 0) == ok, output
+
+
+def assert_same_run(got: Path, want: Path, tolerance: float, weights: str = "model.safetensors") -> None:
+    """The two run folders logged the same records (losses, norms, counts, eval losses within `tolerance`)
+    and saved the same weights (within `tolerance`)."""
+    got_records, want_records = read_metrics(got / "metrics.jsonl"), read_metrics(want / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in got_records] == [(r["kind"], r["step"]) for r in want_records]
+    for got_record, want_record in zip(got_records, want_records):
+        for key in ("loss", "grad_norm", "n_targets", "eval_loss"):
+            if key in want_record:
+                assert abs(got_record[key] - want_record[key]) <= tolerance, (key, got_record, want_record)
+    want_weights, got_weights = load_file(want / weights), load_file(got / weights)
+    assert got_weights.keys() == want_weights.keys()
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, rtol=0, atol=tolerance)
+
+
 def run_toy(
     out: str | Path, *, steps: int = 8, global_batch: int = 8, grad_accum: int = 1, dropout: float = 0.1,
     save_every: int = 2, eval_every: int = 3, callbacks: list[Callback] | None = None,
     dist_info: DistInfo | None = None, parallel: str = "ddp", resume: str = "auto", model_name: str = "toy",
-    lora_rank: int = 0,
+    lora_rank: int = 0, cpu_offload: bool = False,
 ) -> TrainResult:
     """Train a fresh model (same initial weights every time) for `steps` steps into `out`."""
-    torch.manual_seed(0)  # identical initial weights on every rank and in every run
-    model, save = make_model(model_name, dropout, lora_rank)
+    torch.manual_seed(0)  # identical initial weights in every run
+    with sharded_init(dist_info or DistInfo(0, 1, 0, torch.device("cpu")), parallel):  # fsdp: rank 0 builds alone
+        model, save = make_model(model_name, dropout, lora_rank)
     rank, world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = ToyLoader(global_batch, seed=7, rank=rank, world_size=world_size)
     cfg = TrainConfig(steps=steps, grad_accum=grad_accum, lr=1e-2, min_lr=1e-3, warmup_steps=2,
                       eval_every=eval_every, eval_batches=2, save_every=save_every, keep_last=2,
-                      log_every=1, seed=3, parallel=parallel, resume=resume)
+                      log_every=1, seed=3, parallel=parallel, resume=resume, fsdp_cpu_offload=cpu_offload)
     return train(model, causal_lm, loader, cfg, out, make_eval_batches=eval_batches, save_model=save,
                  callbacks=callbacks or [], dist_info=dist_info)
 
@@ -162,14 +243,19 @@ def main() -> None:
     parser.add_argument("--parallel", default="ddp")
     parser.add_argument("--model", default="toy")
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--check-sharded-start", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-offload", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    info = init_distributed(device="cpu")
+    info = init_distributed(device=args.device)
+    if args.check_sharded_start:
+        check_sharded_start(Path(args.out), info)
     run_toy(args.out, steps=args.steps, global_batch=args.global_batch, grad_accum=args.grad_accum,
             dropout=args.dropout, save_every=args.save_every, eval_every=args.eval_every,
             callbacks=[KillAfterSave(args.kill_after_save)] if args.kill_after_save else None, dist_info=info,
-            parallel=args.parallel, model_name=args.model, lora_rank=args.lora_rank)
+            parallel=args.parallel, model_name=args.model, lora_rank=args.lora_rank, cpu_offload=args.cpu_offload)
     cleanup()
 
 

@@ -16,6 +16,8 @@ from lmforge.data.pairs import Pair, read_pairs
 from lmforge.errors import LmforgeError
 from lmforge.rag import Document, Index, index_documents
 from lmforge.rag.mining import hard_negative, index_miner
+from lmforge.train import embed
+from lmforge.train.distributed import DistInfo
 from lmforge.train.embed import RETRIEVAL_REPORT, run_embed
 from lmforge.train.objectives import multiple_negatives_ranking_loss
 from lmforge.train.report import Callback
@@ -124,6 +126,13 @@ def test_lora_trains_only_the_adapters(encoder, jsonl, tmp_path):
     names = load_file(run / "adapter.safetensors").keys()
     assert names and all("lora" in name for name in names), sorted(names)[:4]
     assert result.after["mrr"] > result.before["mrr"], (result.before, result.after)
+
+
+def test_embed_train_refuses_several_processes_in_one_line(encoder, jsonl, tmp_path, monkeypatch):
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # no process group needed:
+    monkeypatch.setattr(embed, "init_distributed", lambda: two_ranks)  # the check comes before any collective
+    with pytest.raises(LmforgeError, match=r"^embed-train runs in one process: .* not torchrun$"):
+        run_embed(embed_recipe(encoder, jsonl("pairs.jsonl", pairs()), tmp_path / "run"))
 
 
 def test_hard_negatives_from_the_data_and_mined_from_an_index(encoder, jsonl, tmp_path):

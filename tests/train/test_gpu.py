@@ -1,6 +1,8 @@
-"""The loop's GPU path: bf16 autocast, pinned non-blocking batch copies, one host read per step.
+"""The loop's GPU path: bf16 autocast, pinned non-blocking batch copies, one host read per step; with two
+GPUs, FSDP2 with its shards offloaded to CPU memory (`train.fsdp_cpu_offload`, GPU-only) trains like one GPU.
 
-Marked `cuda` and skipped without a GPU; `benchmarks/gpu_check.sh` runs them on a machine with one.
+Marked `cuda` and skipped without a GPU (the offload test without two); `benchmarks/gpu_check.sh` runs them
+on a machine with GPUs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ddp_script import ToyLM, ToyLoader, causal_lm, save_toy_model
+from _ddp_script import (
+    ToyLM,
+    ToyLoader,
+    assert_same_run,
+    causal_lm,
+    finish,
+    run_toy,
+    save_toy_model,
+    torchrun,
+)
 
 from lmforge.train.distributed import DistInfo
 from lmforge.train.loop import TrainConfig, train
@@ -34,3 +45,12 @@ def test_cuda_float32_follows_cpu_and_bf16_stays_close(tmp_path: Path) -> None:
     bf16 = losses(tmp_path / "bf16", "cuda", "bfloat16")
     assert gpu == pytest.approx(cpu, rel=1e-4)  # TF32 is off by default for matmuls in float32
     assert all(math.isfinite(x) for x in bf16) and bf16 == pytest.approx(cpu, rel=5e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 across GPUs needs two")
+def test_fsdp_with_cpu_offload_on_two_gpus_trains_like_one(tmp_path: Path) -> None:
+    two = torchrun(tmp_path / "offload", "--steps", "4", "--global-batch", "8", "--dropout", "0", "--save-every", "2",
+                   "--eval-every", "2", "--parallel", "fsdp", "--model", "tiny-llama", "--device", "cuda", "--cpu-offload")
+    run_toy(tmp_path / "one", steps=4, global_batch=8, dropout=0.0, save_every=2, eval_every=2, model_name="tiny-llama")
+    finish(two)
+    assert_same_run(tmp_path / "offload", tmp_path / "one", 1e-4)  # float32, reductions in another order

@@ -15,6 +15,8 @@ from _helpers import quick_train, write_jsonl
 from lmforge.data import IGNORE_INDEX
 from lmforge.data.preference import PromptRow
 from lmforge.errors import LmforgeError
+from lmforge.train import grpo as grpo_module
+from lmforge.train.distributed import DistInfo
 from lmforge.train.grpo import GrpoConfig, RewardFunction, Rewards, RolloutLoader, run_grpo
 from lmforge.train.loop import TrainConfig
 from lmforge.train.objectives import grpo
@@ -144,6 +146,14 @@ def grpo_recipe(base, prompts, rewards_py, out, steps: int) -> dict:
                      "max_new_tokens": 6, "kl_beta": 0.1},
             "data": {"train": str(prompts), "eval_fraction": 0.25}, "lora": {"rank": 4},
             "train": quick_train(steps), "out_dir": str(out)}
+
+
+def test_grpo_refuses_to_shard_the_policy_it_samples_from(tiny_lm_dir, rewards_py, tmp_path, monkeypatch):
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # no process group needed:
+    monkeypatch.setattr(grpo_module, "init_distributed", lambda: two_ranks)  # the check comes before any collective
+    recipe = grpo_recipe(tiny_lm_dir, prompts_file(tmp_path), rewards_py, tmp_path / "run", 1)
+    with pytest.raises(LmforgeError, match=r"^grpo samples its rollouts .* every rank; train.parallel fsdp shards it: use --train.parallel ddp$"):
+        run_grpo({**recipe, "train": {**recipe["train"], "parallel": "fsdp"}})
 
 
 def test_grpo_run_logs_everything_and_resumes_mid_buffer_exactly(tiny_lm_dir, rewards_py, tmp_path):

@@ -143,7 +143,7 @@ def run_reward(recipe: dict[str, Any], *, progress: bool = False, report: setup.
                callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Train (or resume) the reward model a recipe describes: Bradley-Terry on preference pairs."""
     ft, data, head, cfg, lora = setup.read_recipe(recipe, REWARD_SECTIONS)
-    backbone, tokenizer = setup.load_base(ft)
+    backbone, tokenizer = setup.load_base(ft, init_distributed(), cfg.parallel)
     pairs, eval_pairs = preference_data(data, tokenizer, backbone.config.max_seq_len, cfg.seed, report or _quiet)
     with setup.seeded(cfg.seed):
         model = RewardModel(backbone, head.pooling or None)

@@ -15,6 +15,13 @@ Design choices:
   root, in place: the module keeps its class and parameter names, its parameters become
   DTensors, and the optimizer must be built after sharding (the loop does). With one
   process there is nothing to shard and the model is trained as it is.
+- Sharded start-up: only the main rank ever holds the whole model, on CPU. The other ranks
+  build theirs on the meta device (`sharded_init`; no memory, their weights are never read);
+  `shard_model` turns every rank's model to meta, shards it, allocates only the local shards
+  (`to_empty`) and fills them from the main rank's full state dict, broadcast one tensor at a
+  time (`set_model_state_dict(..., broadcast_from_rank0=True)`, torch's documented way). The
+  weights are thus exactly those the main rank built: a seeded fresh model equals the
+  one-process run's, and a pretrained base is read from disk by the main rank only.
 - Gradients under FSDP2 are DTensor shards: `scale_and_clip_` takes the norm of the local
   shards and adds the squares over ranks, so clipping sees the norm of the whole gradient.
 """
@@ -22,16 +29,19 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -99,18 +109,71 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def shard_model(model: nn.Module, info: DistInfo, parallel: str, precision: str, cpu_offload: bool) -> nn.Module:
-    """With `parallel` "fsdp" and several processes, FSDP2-shard every block of each `Blocks`
-    stack, then the root (which holds embeddings, final norm and head), and return `model`.
+def shards_on_start(info: DistInfo, parallel: str) -> bool:
+    """True when this run shards its model with FSDP2 (`parallel` "fsdp" on several processes)."""
+    return parallel == "fsdp" and info.is_distributed
 
-    `precision` "bfloat16" computes in bf16 parameters and reduces gradients in float32
-    (the sharded master weights stay float32); `cpu_offload` keeps the shards in CPU memory.
+
+@contextlib.contextmanager
+def sharded_init(info: DistInfo, parallel: str) -> Iterator[None]:
+    """Within the block a non-main rank of a sharded run builds on the meta device (no memory):
+    `shard_model` fills its shards from the main rank, so its own weights are never needed."""
+    with torch.device("meta") if shards_on_start(info, parallel) and not info.is_main else contextlib.nullcontext():
+        yield
+
+
+def _on_meta(tensor: Tensor) -> Tensor:
+    """An uninitialised twin of `tensor` on the meta device (a parameter if `tensor` is one)."""
+    twin = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(twin, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else twin
+
+
+def replace_tensors_(model: nn.Module, twin: Callable[[str, Tensor], Tensor]) -> nn.Module:
+    """Replace every parameter and buffer of `model` in place by `twin(name, tensor)` (wrapped as a
+    parameter where `tensor` is one, unless `twin` returns `tensor` itself), called once per tensor:
+    one shared by several modules (tied weights) stays shared, where `Module.to` and
+    `load_state_dict(assign=True)` untie them."""
+    done: dict[int, Tensor] = {}
+    for prefix, module in model.named_modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is not None and id(tensor) not in done:
+                    value = twin(f"{prefix}.{name}" if prefix else name, tensor)
+                    if value is not tensor and isinstance(tensor, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    done[id(tensor)] = value
+                if tensor is not None:
+                    tensors[name] = done[id(tensor)]
+    return model
+
+
+def to_meta_(model: nn.Module) -> nn.Module:
+    """`model` with its parameters and buffers moved to the meta device in place (freed), ties kept."""
+    return replace_tensors_(model, lambda _, t: torch.empty_like(t, device="meta"))
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device (no memory); ties kept."""
+    return copy.deepcopy(model, {id(t): _on_meta(t) for t in (*model.parameters(), *model.buffers())})
+
+
+def shard_model(model: nn.Module, info: DistInfo, parallel: str, precision: str, cpu_offload: bool) -> nn.Module:
+    """`model` on `info.device`; with `parallel` "fsdp" and several processes, FSDP2-sharded in place:
+    every block of each `Blocks` stack, then the root (embeddings, final norm and head).
+
+    Sharded, the weights are the main rank's (the others may pass a meta-device model, see
+    `sharded_init`); `precision` "bfloat16" computes in bf16 parameters and reduces gradients in
+    float32 (the sharded master weights stay float32); `cpu_offload` keeps the shards in CPU memory.
     """
     if cpu_offload and (parallel != "fsdp" or info.device.type == "cpu"):
         raise LmforgeError("train.fsdp_cpu_offload moves FSDP2 shards from the GPU to CPU memory: it needs "
                            "train.parallel fsdp and a GPU; drop it on CPU, where the shards already live in CPU memory")
-    if parallel != "fsdp" or not info.is_distributed:
-        return model
+    if not shards_on_start(info, parallel):
+        return model.to(info.device)
+    _check_same_model(model, info)
+    full = dict(model.state_dict()) if info.is_main else {}  # the only full copy, on the main rank's CPU
+    buffers = dict(model.named_buffers(remove_duplicate=False)) if info.is_main else {}
+    to_meta_(model)  # frees the full weights but for `full`
     options: dict[str, Any] = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
     if precision == "bfloat16":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -120,7 +183,34 @@ def shard_model(model: nn.Module, info: DistInfo, parallel: str, precision: str,
         for block in stack:
             fully_shard(block, **options)
     fully_shard(model, **options)
+    model.to_empty(device="cpu" if cpu_offload else info.device)  # only the local shards are allocated
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _broadcast_buffers(model, buffers, info)
     return model
+
+
+def _check_same_model(model: nn.Module, info: DistInfo) -> None:
+    """Fail in one line unless every rank built the same parameter names, shapes and dtypes as the main rank."""
+    layout = [(name, list(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
+    digest = hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+    digests = gather_json(digest, info)
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise LmforgeError(f"ranks {differ} built another model than rank 0 (parameter names, shapes or dtypes "
+                           "differ); every rank must run the same recipe and model settings")
+
+
+def _broadcast_buffers(model: nn.Module, main_buffers: dict[str, Tensor], info: DistInfo) -> None:
+    """Give every rank the main rank's buffers (rotary tables and the like: FSDP2 does not shard
+    buffers, and `to_empty` left them uninitialised) on `info.device`."""
+    def received(name: str, tensor: Tensor) -> Tensor:
+        if isinstance(tensor, nn.Parameter):
+            return tensor
+        value = main_buffers[name].to(info.device) if info.is_main else torch.empty_like(tensor, device=info.device)
+        dist.broadcast(value, src=0)
+        return value
+
+    replace_tensors_(model, received)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -8,6 +8,9 @@ a `lmforge rag index` with `data.mine_index`) is a hard one. Recipe sections: `f
 (PairDataConfig), `embed`, `train`, `lora` and `out_dir`.
 
 Design choices:
+- One process only: the objective pools `hidden_states`, which bypasses the forward that DDP (its
+  gradient reducer) and FSDP2 (its all-gathers) wrap, and a micro-batch with hard negatives takes
+  one forward more than one without; under torchrun one clear error says so before the model loads.
 - The model trained is the encoder itself, pooled as `lm.embed` pools it (the base folder's
   sentence-transformers pooling, else the mean), so the run folder is an embedder:
   `lmforge.load(out_dir).embed` and `lmforge rag index --embedder out_dir` use it as they are. The
@@ -138,7 +141,11 @@ def run_embed(recipe: dict[str, Any], *, progress: bool = False, report: setup.R
     if data_cfg.mine_index and miner is None:
         raise LmforgeError("data.mine_index needs an index miner: run `lmforge embed-train`, or pass "
                            "miner=lmforge.rag.mining.index_miner(index) to run_embed")
-    model, tokenizer = setup.load_base(ft)
+    run = setup.Run(setup.out_dir_of(recipe, "embed"), cfg, init_distributed(), progress, callbacks, ft.merge)
+    if run.info.is_distributed:
+        raise LmforgeError("embed-train runs in one process: it pools the encoder's hidden states outside the forward "
+                           "that DDP and FSDP2 wrap; launch it with `lmforge embed-train`, not torchrun")
+    model, tokenizer = setup.load_base(ft, init_distributed(), cfg.parallel)
     how = read_sentence_config(ft.base)
     say = report or (lambda line: None)
     train_pairs, eval_pairs = _read_splits(data_cfg, cfg.seed)
@@ -149,14 +156,14 @@ def run_embed(recipe: dict[str, Any], *, progress: bool = False, report: setup.R
     rows, eval_rows = (encode_pairs(p, tokenizer, max_length, how) for p in (train_pairs, eval_pairs))
     say(f"{len(rows)} train pairs ({sum(r[2] is not None for r in rows)} with a hard negative), "
         f"{len(eval_rows)} held out")
-    run = setup.Run(setup.out_dir_of(recipe, "embed"), cfg, init_distributed(), progress, callbacks, ft.merge)
     score = partial(held_out_retrieval, rows=eval_rows, pad_id=tokenizer.padding_id, pooling=how.pooling,
                     batch_size=cfg.batch_size)
     before = score(model) if eval_rows and run.info.is_main else None
     io = setup.RunIO(tokenizer, setup.apply_adapters(model, lora, cfg.seed), ft.base)
     collate = partial(collate_pairs, pad_id=tokenizer.padding_id)
     result = run.fit_rows(model, objectives.contrastive(how.pooling, emb.scale), io, rows, eval_rows, collate)
-    after = score(model) if before is not None else None
+    trained = run.trained_model(model) if eval_rows else None  # every rank: gathered when sharded
+    after = score(trained) if trained is not None else None
     if run.info.is_main:
         copy_sentence_files(Path(ft.base), result.out_dir)
         if after is not None:

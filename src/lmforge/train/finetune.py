@@ -48,7 +48,7 @@ def run_sft(recipe: dict[str, Any], *, progress: bool = False, report: setup.Rep
             callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Run (or resume) the supervised fine-tuning a recipe describes."""
     ft, data_cfg, cfg, lora = setup.read_recipe(recipe, SFT_SECTIONS)
-    model, tokenizer = setup.load_base(ft)
+    model, tokenizer = setup.load_base(ft, init_distributed(), cfg.parallel)
     if model.config.kind != "decoder":
         raise LmforgeError(f"sft trains a decoder; {ft.base} is an encoder (fine-tune it with `lmforge classify`)")
     seq_len = context_length(data_cfg.seq_len, model.config.max_seq_len)
@@ -69,7 +69,7 @@ def run_classify(recipe: dict[str, Any], *, progress: bool = False, report: setu
                  callbacks: Sequence[Callback] = ()) -> setup.RunResult:
     """Run (or resume) the classifier training a recipe describes; score the evaluation split at the end."""
     ft, data_cfg, head, cfg, lora = setup.read_recipe(recipe, CLASSIFY_SECTIONS)
-    backbone, tokenizer = setup.load_base(ft)
+    backbone, tokenizer = setup.load_base(ft, init_distributed(), cfg.parallel)
     seq_len = context_length(data_cfg.seq_len, backbone.config.max_seq_len)
     data = load_classification_data(data_cfg, tokenizer, seq_len, cfg.seed)
     cut = f"; {data.truncated} texts cut to {seq_len} tokens" if data.truncated else ""
@@ -81,8 +81,9 @@ def run_classify(recipe: dict[str, Any], *, progress: bool = False, report: setu
     collate = partial(collate_classification, pad_id=tokenizer.padding_id)
     result = run.fit_rows(model, objectives.classification, io, data.train, data.eval, collate)
     scores = None
-    if data.eval and run.info.is_main:
-        scores = evaluate_classifier(model, iter_row_batches(data.eval, collate, cfg.batch_size), data.labels)
+    trained = run.trained_model(model) if data.eval else None  # every rank: gathered when sharded
+    if trained is not None:
+        scores = evaluate_classifier(trained, iter_row_batches(data.eval, collate, cfg.batch_size), data.labels)
         write_json(result.out_dir / EVAL_REPORT, dataclasses.asdict(scores))
     return setup.RunResult(result, scores)
 

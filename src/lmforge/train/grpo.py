@@ -35,6 +35,9 @@ Design choices:
   Prompts and sampling seeds derive from (train.seed, rollout index, rank).
 - The reference (needed when kl_beta > 0) is, under LoRA, the policy with adapters disabled, and
   otherwise a frozen copy of the initial model.
+- Not under `train.parallel fsdp` on several processes: the engine decodes each rank's own prompts
+  for as many steps as they take, calling the model's layers directly, which FSDP2 shards would
+  turn into mismatched collectives; one clear error says to use ddp (`Run.require_unsharded`).
 - Evaluation (train.eval_every): greedy completions of the held-out prompts, scored; their
   statistics reach metrics.jsonl as `eval_reward_mean` etc. through the objective's metrics.
   `reward.png` (mean reward per step, and the held-out greedy reward) is redrawn from
@@ -457,6 +460,7 @@ def run_grpo(recipe: dict[str, Any], *, progress: bool = False, report: setup.Re
     ft, data, cfg, train_cfg, lora = setup.read_recipe(recipe, GRPO_SECTIONS)
     out_dir = setup.out_dir_of(recipe, "grpo")
     run = setup.Run(out_dir, train_cfg, init_distributed(), progress, [*callbacks, RewardPlot(out_dir)], ft.merge)
+    run.require_unsharded("grpo samples its rollouts with the generation engine")
     rewards = Rewards.from_config(cfg, run.info.device)  # a bad function path fails before the model loads
     model, tokenizer = setup.load_base(ft)
     data.require_train('a JSONL file of {"prompt": ...} rows')

@@ -66,6 +66,7 @@ from lmforge.train.distributed import (
     gather_json,
     init_distributed,
     maybe_no_sync,
+    meta_copy,
     scale_and_clip_,
     shard_model,
     wrap_model,
@@ -365,11 +366,11 @@ class _Run:
         self.callbacks = list(callbacks) if info.is_main else []
         if info.is_main and cfg.tensorboard:
             self.callbacks.append(TensorBoardCallback(out_dir / "tensorboard"))
-        self.raw = model.to(info.device)  # the plain module: saved, loaded, evaluated
         if cfg.activation_checkpointing:
-            set_activation_checkpointing(self.raw)
-        self.skeleton = sharded.meta_copy(self.raw) if cfg.parallel == "fsdp" and info.is_main else None
-        self.raw = shard_model(self.raw, info, cfg.parallel, cfg.precision, cfg.fsdp_cpu_offload)
+            set_activation_checkpointing(model)
+        self.skeleton = meta_copy(model) if cfg.parallel == "fsdp" and info.is_main else None
+        # the plain module (saved, loaded, evaluated) on the device: sharded first under fsdp
+        self.raw = shard_model(model, info, cfg.parallel, cfg.precision, cfg.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.raw, cfg, param_groups)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.writer = MetricsWriter(out_dir / "metrics.jsonl")

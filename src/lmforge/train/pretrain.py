@@ -21,7 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import setup
-from lmforge.train.distributed import init_distributed
+from lmforge.train.distributed import init_distributed, sharded_init
 from lmforge.train.loop import Objective, TrainConfig
 from lmforge.train.objectives import causal_lm, masked_lm
 from lmforge.train.report import Callback
@@ -67,9 +67,9 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
         report(f"{train_shards.n_tokens:,} train and {val_shards.n_tokens:,} validation tokens")
 
     run = setup.Run(setup.out_dir_of(recipe, "pretrain"), cfg, init_distributed(), progress, callbacks)
-    with setup.seeded(cfg.seed):  # the same initial weights on every rank and every run
-        model = build_model(config)
     info = run.info
+    with setup.seeded(cfg.seed), sharded_init(info, cfg.parallel):  # the same initial weights in every run
+        model = build_model(config)
     loader = TokenLoader(train_shards, cfg.batch_size, seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
 
     def eval_batches():

@@ -18,6 +18,9 @@ Design choices:
   position and RNG states, so the run continues bit for bit. At the end, `finetune.merge` (on by
   default) writes the merged model beside the adapter, so `lmforge.load(out_dir)` needs no base;
   an adapter-only folder opens too (`merged_model` loads its recorded base).
+- **Work after training sees the whole model.** The merged export and a verb's final scores run
+  on the main rank on `Run.trained_model`: under `train.parallel fsdp` the model is sharded, so
+  every rank takes part in gathering it (`sharded.full_model_on_main`) and rank 0 alone uses it.
 - **One seeding rule.** Parts the setup creates (a head's `score` layer, LoRA's A matrices, a
   pretrained model's initial weights) are drawn inside `seeded(train.seed)`, from a generator
   forked off the global one: the same in every run and on every rank, so a resumed run rebuilds
@@ -51,12 +54,13 @@ from lmforge.config import ModelConfig, build
 from lmforge.data.rows import Collate, RowLoader, iter_row_batches
 from lmforge.errors import LmforgeError
 from lmforge.evaluate.classification import ClassificationReport
+from lmforge.models import build_model
 from lmforge.models.heads import PooledHead, build_head
 from lmforge.quantize import dequantize_model, quantize_model, quantized_layers
 from lmforge.quantize.linear import check_settings
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import load_model_weights
-from lmforge.train.distributed import DistInfo
+from lmforge.train.distributed import DistInfo, gather_json, meta_copy, shards_on_start
 from lmforge.train.loop import Loader, Objective, TrainConfig, TrainResult, train
 from lmforge.train.lora import (
     ADAPTER_CONFIG,
@@ -70,6 +74,7 @@ from lmforge.train.lora import (
     save_adapter,
 )
 from lmforge.train.report import Callback, ProgressBar
+from lmforge.train.sharded import full_model_on_main
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +158,34 @@ def seeded(seed: int) -> Iterator[None]:
 # ---------------------------------------------------------------- base model and LoRA
 
 
-def load_base(cfg: FinetuneConfig) -> tuple[nn.Module, Tokenizer]:
-    """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder."""
+def load_base(cfg: FinetuneConfig, info: DistInfo | None = None, parallel: str = "ddp") -> tuple[nn.Module, Tokenizer]:
+    """The model and tokenizer of `finetune.base`: an lmforge run folder or a Hugging Face folder.
+
+    Given the run's `info` and `train.parallel`, a sharded run (fsdp, several processes) reads the
+    weights on the main rank only (`base_on_main`); a quantized base (`finetune.bits`) is read by every rank.
+    """
     if not cfg.base:
         raise LmforgeError("finetune.base is not set; pass --finetune.base MODEL_FOLDER (an lmforge run or a Hugging Face folder)")
     if cfg.bits:
         check_settings(cfg.bits, cfg.group_size)
-    model, _ = load_model(cfg.base)
+    on_main = info is not None and shards_on_start(info, parallel) and not cfg.bits
+    model = base_on_main(cfg.base, info) if on_main else load_model(cfg.base)[0]
     if not (Path(cfg.base) / "tokenizer.json").is_file():
         raise LmforgeError(f"{cfg.base} has no tokenizer.json; fine-tuning reads text, so the model folder needs its tokenizer")
     if cfg.bits:
         quantize_model(model, cfg.bits, cfg.group_size)
     return model, Tokenizer.from_dir(cfg.base)
+
+
+def base_on_main(base: str | Path, info: DistInfo) -> nn.Module:
+    """The model in `base`, read from disk by the main rank only: the others build the architecture the
+    main rank read (its config, sent to them) on the meta device, for `shard_model` to fill their shards."""
+    model = load_model(base)[0] if info.is_main else None
+    config = gather_json(model.config.to_dict() if model is not None else None, info)[0]
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(ModelConfig.from_dict(config))
+    return model
 
 
 def apply_adapters(model: nn.Module, lora: LoraConfig, seed: int, train_modules: Sequence[str] = ()) -> LoraConfig | None:
@@ -262,16 +283,40 @@ class Run:
     progress: bool = False  # show a progress bar
     callbacks: Sequence[Callback] = ()
     merge: bool = False  # with LoRA: write the merged model at the end (`finetune.merge`)
+    _skeleton: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # fsdp: the model before sharding, on meta
+    _whole: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # trained_model's answer
+    _gathered: bool = dataclasses.field(default=False, init=False, repr=False)  # trained_model has run
 
     def fit(self, model: nn.Module, objective: Objective, io: RunIO, loader: Loader,
             make_eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None = None) -> TrainResult:
-        """The one loop with this run's checkpoint functions and progress bar; LoRA merged at the end."""
+        """The one loop with this run's checkpoint functions and progress bar; LoRA merged at the end
+        (a collective under fsdp: call it on every rank)."""
         cbs = [*self.callbacks, *([ProgressBar(self.train.steps)] if self.progress else [])]
+        if shards_on_start(self.info, self.train.parallel) and self.info.is_main:
+            self._skeleton = meta_copy(model)  # no memory: what `trained_model` fills with the gathered weights
         result = train(model, objective, loader, self.train, self.out_dir, make_eval_batches=make_eval_batches,
                        save_model=io.save, load_model=io.load, callbacks=cbs, dist_info=self.info)
-        if io.lora is not None and self.merge and self.info.is_main:
-            io.export_merged(model, self.out_dir)
+        if io.lora is not None and self.merge:
+            whole = self.trained_model(model)
+            if whole is not None:
+                io.export_merged(whole, self.out_dir)
         return result
+
+    def require_unsharded(self, what: str) -> None:
+        """Fail in one line when this run would shard its model (fsdp on several processes) for a verb that
+        cannot train sharded: `what` says which of its work needs the whole model on every rank."""
+        if shards_on_start(self.info, self.train.parallel):
+            raise LmforgeError(f"{what}, which needs the whole model on every rank; train.parallel fsdp shards it: "
+                               "use --train.parallel ddp")
+
+    def trained_model(self, model: nn.Module) -> nn.Module | None:
+        """After `fit(model, ...)`: the whole trained model on the main rank, on this rank's device
+        (with LoRA and `finetune.merge`, already merged); None on the other ranks. Sharded (fsdp), it is
+        gathered from every rank the first time, so every rank must call this; unsharded it is `model`."""
+        if not self._gathered:
+            whole = full_model_on_main(model, self._skeleton, self.info)
+            self._whole, self._gathered = (whole.to(self.info.device) if whole is not None else None), True
+        return self._whole
 
     def fit_rows(self, model: nn.Module, objective: Objective, io: RunIO, rows: Sequence[Any],
                  eval_rows: Sequence[Any], collate: Collate) -> TrainResult:
@@ -341,6 +386,7 @@ __all__ = [
     "RunResult",
     "adapter_base",
     "apply_adapters",
+    "base_on_main",
     "is_adapter_only",
     "load_base",
     "merge_adapter",

@@ -15,13 +15,15 @@ Design choices:
 - DCP reshards on load: a checkpoint saved by N ranks resumes on M ranks (or one process,
   where the model is not sharded at all) with the same weights and optimizer moments.
 - The consolidated weights are gathered with `full_state_dict=True, cpu_offload=True` (only
-  the main rank keeps them) and written through a meta-device copy of the model taken before
-  sharding, so the caller's `save_model` sees a plain module of the right class.
+  the main rank keeps them) into a meta-device copy of the model taken before sharding, so the
+  caller's `save_model` sees a plain module of the right class. `full_model_on_main` is that
+  gather on its own: whatever rank-0-only work needs the whole trained model (the merged LoRA
+  export, classify's final scores; `setup.Run.trained_model`) goes through it, on every rank,
+  since gathering shards is a collective that deadlocks or fails when one rank calls it alone.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,19 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import LmforgeError
 from lmforge.train.checkpointing import ModelIO, checkpoint_tmp, publish, write_files
-from lmforge.train.distributed import DistInfo, barrier, is_sharded
+from lmforge.train.distributed import DistInfo, barrier, is_sharded, meta_copy, replace_tensors_
 
 SHARDED_DIR = "sharded"
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters and buffers live on the meta device (no memory); ties kept."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -75,15 +67,33 @@ def save_sharded_checkpoint(
     barrier(info)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED_DIR)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if info.is_main:
-        assert skeleton is not None, "the main rank needs the meta copy of the model to consolidate"
-        skeleton.load_state_dict({k: _own_storage(v) for k, v in full.items()}, assign=True)
-        write_files(tmp, skeleton, save_model, {}, {**state, "optimizer": {"sharded": SHARDED_DIR}})
-        skeleton.to("meta")  # drop the consolidated weights
+    whole = full_model_on_main(model, skeleton, info)
+    if whole is not None:
+        write_files(tmp, whole, save_model, {}, {**state, "optimizer": {"sharded": SHARDED_DIR}})
+        del whole  # drop the consolidated weights before the next step
         publish(tmp, dest, in_place)
     barrier(info)
     return dest
+
+
+def full_model_on_main(model: nn.Module, skeleton: nn.Module | None, info: DistInfo) -> nn.Module | None:
+    """The whole of `model` as a plain module on the main rank, None on the others.
+
+    Unsharded (one process, DDP) that is `model` itself. FSDP2-sharded it is a collective every
+    rank must call: the full weights are gathered into the main rank's CPU memory
+    (`full_state_dict=True, cpu_offload=True`) and put into a fresh `meta_copy` of `skeleton` (the
+    meta copy of the model taken before sharding, needed on the main rank only), with the
+    buffers every rank holds whole; the caller owns it (merging LoRA into it changes nothing else).
+    """
+    if not is_sharded(model):
+        return model if info.is_main else None
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    assert skeleton is not None, "the main rank needs the meta copy of the model to gather the whole model"
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    return replace_tensors_(meta_copy(skeleton),
+                            lambda name, t: _own_storage(full[name]) if name in full else buffers[name].cpu())
 
 
 def is_sharded_checkpoint(state: dict[str, Any]) -> bool:
