@@ -56,6 +56,22 @@ def test_linear_cross_entropy_matches_materialised_logits(chunk_elements, freeze
                      atol=1e-4, rtol=1e-5)
 
 
+def test_softmax_a_few_rows_at_a_time_equals_all_rows_at_once(monkeypatch):
+    """The loss's softmax runs in blocks of rows (here 3 of 20, the last block short) with the
+    result of one pass over all rows, ignored labels included."""
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (20,))
+    labels[[1, 19]] = -100
+    monkeypatch.setattr(cpu_ops, "_SOFTMAX_BLOCK", 3 * 50)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    for a, r in zip(torch.autograd.grad(loss, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_decoder_loss_from_labels_equals_loss_of_logits(name, tied):

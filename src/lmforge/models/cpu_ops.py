@@ -101,6 +101,25 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------- output projection + loss
 
 
+_SOFTMAX_BLOCK = 2**18  # logits per softmax block (1 MiB of float32): the block's passes stay in a core's L2 cache
+
+
+def _softmax_(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Overwrite float32 `logits` (n, V) with softmax(logits); return each row's max and sum of
+    exp(logit - max), (n, 1) each. On CPU a few rows at a time, so that the four passes over a
+    block (max, subtract and exp, sum, divide) read it from cache, not from memory; on a GPU all
+    rows at once (a block would cost a kernel launch per pass)."""
+    n = logits.shape[0]
+    peak, total = logits.new_empty(n, 1), logits.new_empty(n, 1)
+    rows = max(1, _SOFTMAX_BLOCK // logits.shape[1]) if logits.is_cpu else max(n, 1)
+    for start in range(0, n, rows):
+        block, block_peak, block_total = logits[start : start + rows], peak[start : start + rows], total[start : start + rows]
+        torch.amax(block, dim=-1, keepdim=True, out=block_peak)
+        torch.sum(block.sub_(block_peak).exp_(), dim=-1, keepdim=True, out=block_total)
+        block.div_(block_total)
+    return peak, total
+
+
 def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Cross-entropy summed over the rows of float32 `logits` (n, V), which are overwritten in
     place by softmax(logits) minus the one-hot labels (zero rows where the label is ignored):
@@ -108,9 +127,7 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)[:, None]  # (n, 1)
     picked = logits.gather(1, target).squeeze(1)  # (n,)
-    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-    logits.div_(total)
+    peak, total = _softmax_(logits)  # (n, 1) each
     loss = ((peak.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
     logits.scatter_add_(1, target, valid[:, None].to(logits.dtype).neg())
     if not bool(valid.all()):
