@@ -14,10 +14,19 @@ from lmforge.config import preset
 from lmforge.models import build_model, cpu_ops
 from lmforge.models.cpu_ops import linear, linear_cross_entropy
 
+HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@pytest.fixture(params=["blas", pytest.param("onednn", marks=pytest.mark.skipif(not HAS_ONEDNN, reason="no oneDNN"))])
+def matmuls(request, monkeypatch) -> str:
+    """Each float32 CPU matmul path, whichever this machine's CPU would choose (MKL on Intel, oneDNN elsewhere)."""
+    monkeypatch.setattr(cpu_ops, "_ONEDNN", request.param == "onednn")
+    return request.param
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 24), (8, 24), (2, 5, 24)])
-def test_linear_matches_f_linear_with_gradients(shape, bias):
+def test_linear_matches_f_linear_with_gradients(shape, bias, matmuls):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     w = torch.randn(40, 24, requires_grad=True)
@@ -128,7 +137,7 @@ def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
     assert_close(model.embed.weight.grad, 2 * first)
 
 
-def test_linear_cross_entropy_over_several_vocabulary_blocks():
+def test_linear_cross_entropy_over_several_vocabulary_blocks(matmuls):
     """Logits wider than one oneDNN block (`_VOCAB_BLOCK` columns), the last block short."""
     torch.manual_seed(0)
     vocab = 2 * cpu_ops._VOCAB_BLOCK + 37

@@ -136,6 +136,14 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
 
 
 _VOCAB_BLOCK = 8192  # logits columns per oneDNN call: blocks beat one oneDNN call over a whole large vocabulary
+
+
+def logits_transient_columns(vocab: int) -> int:
+    """Columns of a float32 CPU logits chunk that `linear_cross_entropy` computes apart before
+    copying them into the chunk: a oneDNN block; none where one BLAS call writes them in place
+    (what the memory planner, `diagnose/plan.py`, counts)."""
+    return min(vocab, _VOCAB_BLOCK) if _ONEDNN else 0
+
 _storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, nothing is reused
 
 
