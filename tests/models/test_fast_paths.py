@@ -14,10 +14,19 @@ from lmforge.config import preset
 from lmforge.models import build_model, cpu_ops
 from lmforge.models.cpu_ops import linear, linear_cross_entropy
 
+HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@pytest.fixture(params=["blas", pytest.param("onednn", marks=pytest.mark.skipif(not HAS_ONEDNN, reason="no oneDNN"))])
+def matmuls(request, monkeypatch) -> str:
+    """Each float32 CPU matmul path, whichever this machine's CPU would choose (MKL on Intel, oneDNN elsewhere)."""
+    monkeypatch.setattr(cpu_ops, "_ONEDNN", request.param == "onednn")
+    return request.param
+
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 24), (8, 24), (2, 5, 24)])
-def test_linear_matches_f_linear_with_gradients(shape, bias):
+def test_linear_matches_f_linear_with_gradients(shape, bias, matmuls):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     w = torch.randn(40, 24, requires_grad=True)
@@ -54,6 +63,22 @@ def test_linear_cross_entropy_matches_materialised_logits(chunk_elements, freeze
     with torch.no_grad():
         assert_close(linear_cross_entropy(hidden, weight, labels, chunk_elements=chunk_elements), ref.detach(),
                      atol=1e-4, rtol=1e-5)
+
+
+def test_softmax_a_few_rows_at_a_time_equals_all_rows_at_once(monkeypatch):
+    """The loss's softmax runs in blocks of rows (here 3 of 20, the last block short) with the
+    result of one pass over all rows, ignored labels included."""
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (20,))
+    labels[[1, 19]] = -100
+    monkeypatch.setattr(cpu_ops, "_SOFTMAX_BLOCK", 3 * 50)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    for a, r in zip(torch.autograd.grad(loss, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -112,7 +137,7 @@ def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
     assert_close(model.embed.weight.grad, 2 * first)
 
 
-def test_linear_cross_entropy_over_several_vocabulary_blocks():
+def test_linear_cross_entropy_over_several_vocabulary_blocks(matmuls):
     """Logits wider than one oneDNN block (`_VOCAB_BLOCK` columns), the last block short."""
     torch.manual_seed(0)
     vocab = 2 * cpu_ops._VOCAB_BLOCK + 37

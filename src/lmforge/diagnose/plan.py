@@ -44,11 +44,11 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.models.cpu_ops import logits_transient_columns
 
 PRECISIONS = ("float32", "bfloat16")
 ADAM_BYTES = 8  # exp_avg and exp_avg_sq in float32 per trainable parameter
 LOSS_CHUNK_ELEMENTS = 2**25  # `cpu_ops.linear_cross_entropy`'s default logits chunk
-VOCAB_BLOCK = 8192  # `cpu_ops._VOCAB_BLOCK`: logits columns computed per call
 QUANT_GROUP = 64  # `quantize.linear` int4 group size (a float32 scale and zero per group)
 GIB = 2**30
 
@@ -290,7 +290,7 @@ def plan_memory(request: PlanRequest, free: int | None = None, device: str | Non
     block_grads = 0 if request.lora_rank else 4 * (n_params - config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)) // config.n_layers
     head = 4 * config.vocab_size * config.dim  # the output layer's gradient (the fused loss computes it in the forward)
     chunk = min(n_tokens, max(1, LOSS_CHUNK_ELEMENTS // config.vocab_size))
-    loss_transient = 4 * chunk * min(config.vocab_size, VOCAB_BLOCK)  # a block of logits before it is copied into the chunk
+    loss_transient = 4 * chunk * logits_transient_columns(config.vocab_size)  # logits before they are copied into the chunk
     loss_buffers = 4 * chunk * config.vocab_size + n_tokens * config.dim * (4 + act_bytes) + 8 * n_tokens
     if not request.lora_rank:
         loss_buffers += head + (0 if config.tie_embeddings else head)  # + the embedding's gradient, if its own

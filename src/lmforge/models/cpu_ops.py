@@ -1,8 +1,9 @@
 """CPU speed machinery behind the architecture blocks of `layers.py`: each function here computes
 exactly what its PyTorch counterpart computes, only faster on float32 CPU tensors.
 
-- `linear` / `Linear`: float32 CPU projections run on oneDNN instead of the BLAS behind
-  `F.linear` (results agree to float32 rounding). Without gradients and with at most
+- `linear` / `Linear`: float32 CPU projections run on the faster of oneDNN and the BLAS behind
+  `F.linear` (results agree to float32 rounding): on Intel CPUs that is MKL, Intel's own, and
+  elsewhere oneDNN (MKL's sgemm is slow on AMD CPUs). Without gradients and with at most
   `kernels.MAX_ROWS` rows (a decode step) the native matmul of `kernels.py` runs instead: a
   decode step is bound by reading the weights, and that kernel reads each weight once for all
   rows. `benchmarks/train_throughput.py` and `benchmarks/decode.py` measure both.
@@ -37,7 +38,19 @@ from lmforge.models import kernels
 # ---------------------------------------------------------------- linear layers
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _intel_cpu() -> bool:
+    """Whether this machine's CPU is Intel's (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in info)
+    except OSError:
+        return False
+
+
+# oneDNN for float32 CPU matmuls where it beats the BLAS: not on Intel CPUs, where MKL (Intel's
+# own) is the faster of the two for every shape of a training step (`benchmarks/train_throughput.py`)
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and not (torch.backends.mkl.is_available() and _intel_cpu()))
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -67,15 +80,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, on oneDNN (or the native kernel, for few rows without gradients) for float32
     CPU tensors outside `torch.compile`. Called for every projection of every step, so the checks
     are ordered and written for speed (a decode step makes hundreds of calls)."""
-    if (not (_ONEDNN and x.is_cpu and weight.is_cpu and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous())
+    if (not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous())
             or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _OneDNNLinear.apply(x, weight, bias)
+        return _OneDNNLinear.apply(x, weight, bias) if _ONEDNN else F.linear(x, weight, bias)
     if (x.numel() <= kernels.MAX_ROWS * x.shape[-1] and (native := kernels.native()) is not None
             and (bias is None or bias.is_contiguous())):
         return native.gemv(x.contiguous(), weight, bias)
-    return _onednn_linear(x, weight, bias)
+    return _onednn_linear(x, weight, bias) if _ONEDNN else F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -88,6 +101,25 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------- output projection + loss
 
 
+_SOFTMAX_BLOCK = 2**18  # logits per softmax block (1 MiB of float32): the block's passes stay in a core's L2 cache
+
+
+def _softmax_(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Overwrite float32 `logits` (n, V) with softmax(logits); return each row's max and sum of
+    exp(logit - max), (n, 1) each. On CPU a few rows at a time, so that the four passes over a
+    block (max, subtract and exp, sum, divide) read it from cache, not from memory; on a GPU all
+    rows at once (a block would cost a kernel launch per pass)."""
+    n = logits.shape[0]
+    peak, total = logits.new_empty(n, 1), logits.new_empty(n, 1)
+    rows = max(1, _SOFTMAX_BLOCK // logits.shape[1]) if logits.is_cpu else max(n, 1)
+    for start in range(0, n, rows):
+        block, block_peak, block_total = logits[start : start + rows], peak[start : start + rows], total[start : start + rows]
+        torch.amax(block, dim=-1, keepdim=True, out=block_peak)
+        torch.sum(block.sub_(block_peak).exp_(), dim=-1, keepdim=True, out=block_total)
+        block.div_(block_total)
+    return peak, total
+
+
 def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Cross-entropy summed over the rows of float32 `logits` (n, V), which are overwritten in
     place by softmax(logits) minus the one-hot labels (zero rows where the label is ignored):
@@ -95,9 +127,7 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)[:, None]  # (n, 1)
     picked = logits.gather(1, target).squeeze(1)  # (n,)
-    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-    logits.div_(total)
+    peak, total = _softmax_(logits)  # (n, 1) each
     loss = ((peak.squeeze(1) + total.squeeze(1).log() - picked) * valid).sum()
     logits.scatter_add_(1, target, valid[:, None].to(logits.dtype).neg())
     if not bool(valid.all()):
@@ -105,7 +135,15 @@ def _softmax_loss_(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     return loss, logits
 
 
-_VOCAB_BLOCK = 8192  # logits columns per oneDNN call: blocks beat one call over a whole large vocabulary
+_VOCAB_BLOCK = 8192  # logits columns per oneDNN call: blocks beat one oneDNN call over a whole large vocabulary
+
+
+def logits_transient_columns(vocab: int) -> int:
+    """Columns of a float32 CPU logits chunk that `linear_cross_entropy` computes apart before
+    copying them into the chunk: a oneDNN block; none where one BLAS call writes them in place
+    (what the memory planner, `diagnose/plan.py`, counts)."""
+    return min(vocab, _VOCAB_BLOCK) if _ONEDNN else 0
+
 _storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, nothing is reused
 
 
@@ -127,15 +165,18 @@ _scratch = _Scratch()
 
 
 def _logits(h: Tensor, weight: Tensor) -> Tensor:
-    """float32 h @ weight^T, (n, V). On the oneDNN path it is written, a block of vocabulary
-    columns at a time, into the scratch buffer (the caller may overwrite it until the next call)."""
+    """float32 h @ weight^T, (n, V). For float32 CPU tensors it is written into the scratch buffer
+    (the caller may overwrite it until the next call): by one BLAS call, or on the oneDNN path a
+    block of vocabulary columns at a time."""
     n, vocab = h.shape[0], weight.shape[0]
-    if not (_ONEDNN and h.is_cpu and weight.is_cpu and h.dtype == weight.dtype == torch.float32
+    if not (h.is_cpu and weight.is_cpu and h.dtype == weight.dtype == torch.float32
             and weight.is_contiguous() and not torch.compiler.is_compiling()):
         return linear(h, weight).float()
     if _scratch.logits is None or _scratch.logits.shape[0] < n or _scratch.logits.shape[1] != vocab:
         _scratch.logits = torch.empty(n, vocab)
     out = _scratch.logits[:n]
+    if not _ONEDNN:
+        return torch.mm(h, weight.t(), out=out)
     for start in range(0, vocab, _VOCAB_BLOCK):
         out[:, start : start + _VOCAB_BLOCK] = linear(h, weight[start : start + _VOCAB_BLOCK])
     return out
