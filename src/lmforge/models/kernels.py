@@ -263,7 +263,7 @@ class Native(QuantKernels):
 
 
 class QuantMatmul:
-    """`F.linear(x, W, bias)` for one quantized weight that `Native.quant_matmul` has checked: a
+    """`F.linear(x, W, bias)` for one quantized weight that `QuantKernels.quant_matmul` has checked: a
     call checks only x. It holds the weight's tensors, so the memory it reads stays alive."""
 
     def __init__(self, kernels: QuantKernels, weight: tuple[Tensor, Tensor, Tensor | None, Tensor | None],

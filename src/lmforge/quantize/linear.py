@@ -17,11 +17,11 @@ Design choices:
   no gradient) runs the native int8 / int4 matmul of `models/kernels.py`, which reads the packed
   weights directly: a step streams a quarter (int8) or an eighth (int4) of the float bytes
   (`benchmarks/decode.py` measures it). The layer binds the kernel to its buffers once
-  (`kernels.Native.quant_matmul`), since checking the weights on every call cost more than a
-  small layer's matmul; it binds again when a buffer is replaced. Everything else (prefill,
-  training, no compiler) dequantises the weight and runs an ordinary matmul in the input's dtype.
-  Both agree to float32
-  rounding (`tests/models/test_quant_kernels.py`). When the input needs a gradient (QLoRA trains
+  (`kernels.QuantKernels.quant_matmul`), since checking the weights on every call cost more than
+  a small layer's matmul; it binds again when a buffer is replaced or `kernels.quantized()` picks
+  another library. Everything else (prefill, training, no compiler) dequantises the weight and
+  runs an ordinary matmul in the input's dtype. Both agree to float32 rounding
+  (`tests/models/test_quant_kernels.py`). When the input needs a gradient (QLoRA trains
   adapters around a frozen QuantLinear) the backward dequantises the weight again instead of
   keeping the float copy alive until then: only the packed weights stay resident.
 - `QuantLinear` is linear-like (`in_features`, `out_features`, `bias`, `dequantize()`), so
