@@ -5,6 +5,8 @@ the kernels are not built."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -102,9 +104,27 @@ def test_decode_forward_never_forms_the_float_weight(layers_use, monkeypatch, bi
         assert_close(layer(x), want, atol=2e-5, rtol=1e-5)
 
 
+def test_the_bound_kernel_follows_the_layers_buffers(layers_use, monkeypatch):
+    layer, other = quantized(24, 64, 4, 32), quantized(24, 64, 4, 32, seed=1)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        first = layer(x)  # binds the kernel to the layer's buffers
+        copied = copy.deepcopy(layer)  # a copy binds its own, to its own tensors
+        layer.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+        assert_close(layer(x), other(x), atol=0, rtol=0)
+        layer.scales = first.new_ones(layer.scales.shape)  # a replaced buffer: bound again
+        assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), atol=2e-5, rtol=1e-5)
+        assert torch.equal(copied(x), first)
+        assert torch.equal(pickle.loads(pickle.dumps(copied))(x), first)
+        monkeypatch.setattr(kernels, "quantized", lambda: None)  # the library gone: the binding is not used
+        monkeypatch.setattr(layer, "dequantize", lambda: pytest.fail("dequantized", pytrace=False))
+        with pytest.raises(pytest.fail.Exception, match="dequantized"):
+            layer(x)
+
+
 def test_training_and_long_inputs_take_the_dequantizing_path(layers_use, monkeypatch):
     layer = quantized(16, 64, 4, 32)
-    monkeypatch.setattr(layers_use, "gemv_quant", lambda *a: pytest.fail("the kernel has no backward"))
+    monkeypatch.setattr(layers_use, "quant_matmul", lambda *a: pytest.fail("the kernel has no backward"))
     x = torch.randn(2, 64, requires_grad=True)
     layer(x).sum().backward()
     assert_close(x.grad, layer.dequantize().sum(0).expand(2, -1))

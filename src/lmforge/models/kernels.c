@@ -109,6 +109,13 @@ int lmforge_gemv(const float *x, const float *w, const float *b, float *y, int64
  * first copied into the same order, 16 elements at a time (evens, then odds). K % G == 0 and
  * G % 32 == 0 (checked by kernels.py). */
 
+/* Each weight row is prefetched QPF bytes ahead of its loads. The hardware prefetcher alone keeps
+ * too few lines in flight for a kernel that reads 16 bytes of several rows per step: the loads
+ * stall on memory, and a step ran at half the float kernel's bytes per second. With it, the
+ * quantized matmuls stream at the float kernel's rate (benchmarks/decode.py's int8 / int4 rows). */
+#define QPF 4096
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + QPF, _MM_HINT_T0)
+
 static inline __m256 widen_q8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -123,6 +130,7 @@ static inline __m256 widen_q8(const int8_t *p) {
         int64_t k = 0;                                                                                       \
         for (; k + 8 <= K; k += 8)                                                                           \
             for (int r = 0; r < R; r++) {                                                                    \
+                PREFETCH(w + (n + r) * K + k);                                                               \
                 __m256 wv = widen_q8(w + (n + r) * K + k);                                                   \
                 for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[r][m]); \
             }                                                                                                \
@@ -152,6 +160,7 @@ static inline __m256 widen_q8(const int8_t *p) {
             }                                                                                                \
             for (int64_t k = g * G; k < (g + 1) * G; k += 16)                                                \
                 for (int r = 0; r < R; r++) {                                                                \
+                    PREFETCH(w + (n + r) * (K / 2) + k / 2);                                                 \
                     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + (n + r) * (K / 2) + k / 2))); \
                     __m256 qe = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, low), two23));       \
                     __m256 qo = _mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(v, 4), two23));        \
@@ -216,6 +225,7 @@ static const q_tile_fn Q4_TILES[9] = {0, q4_tile_1, q4_tile_2, q4_tile_3, q4_til
         int64_t k = 0;                                                                                       \
         for (; k + 16 <= K; k += 16)                                                                         \
             for (int r = 0; r < R; r++) {                                                                    \
+                PREFETCH(w + (n + r) * K + k);                                                               \
                 __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + (n + r) * K + k)))); \
                 for (int m = 0; m < MB; m++) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[r][m]); \
             }                                                                                                \
@@ -227,26 +237,27 @@ static const q_tile_fn Q4_TILES[9] = {0, q4_tile_1, q4_tile_2, q4_tile_3, q4_til
             }                                                                                                \
     }
 
+/* int4 here needs no arithmetic per weight but the FMA: per group and weight row, the 16 values
+ * (q - z) * s a nibble q can stand for, formed exactly as dequantize forms them, fill one register,
+ * and a permute (which reads only the low 4 bits of each index) looks each weight up in it. */
 #define Q4_BLOCK512(MB, R)                                                                                   \
     AVX512 static inline void q4w_block_##MB##_##R(const float *xp, const uint8_t *w, const float *s, const uint8_t *z, \
                                                    const float *b, float *y, int64_t N, int64_t K, int64_t G, int64_t n) { \
-        __m512 acc[R][MB], sv[R], zv[R];                                                                     \
-        const __m512i low = _mm512_set1_epi32(0x0F), two23 = _mm512_set1_epi32(0x4B000000);                  \
+        __m512 acc[R][MB], table[R];                                                                         \
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);            \
         int64_t groups = K / G;                                                                              \
         for (int r = 0; r < R; r++)                                                                          \
             for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();                                    \
         for (int64_t g = 0; g < groups; g++) {                                                               \
-            for (int r = 0; r < R; r++) {                                                                    \
-                sv[r] = _mm512_set1_ps(s[(n + r) * groups + g]);                                             \
-                zv[r] = _mm512_set1_ps(8388608.0f + z[(n + r) * groups + g]);                                \
-            }                                                                                                \
+            for (int r = 0; r < R; r++)                                                                      \
+                table[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps((float)z[(n + r) * groups + g])), \
+                                         _mm512_set1_ps(s[(n + r) * groups + g]));                           \
             for (int64_t k = g * G; k < (g + 1) * G; k += 32)                                                \
                 for (int r = 0; r < R; r++) {                                                                \
+                    PREFETCH(w + (n + r) * (K / 2) + k / 2);                                                 \
                     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (n + r) * (K / 2) + k / 2))); \
-                    __m512 qe = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(v, low), two23));       \
-                    __m512 qo = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), two23));        \
-                    __m512 even = _mm512_mul_ps(_mm512_sub_ps(qe, zv[r]), sv[r]);                            \
-                    __m512 odd = _mm512_mul_ps(_mm512_sub_ps(qo, zv[r]), sv[r]);                             \
+                    __m512 even = _mm512_permutexvar_ps(v, table[r]);                                        \
+                    __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);                   \
                     for (int m = 0; m < MB; m++) {                                                           \
                         acc[r][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + m * K + k), acc[r][m]);       \
                         acc[r][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + m * K + k + 16), acc[r][m]);   \

@@ -152,29 +152,29 @@ class QuantKernels:
         multiple of `group_size`, itself a multiple of 32). All contiguous; W is never formed.
         `kernels.c`: AVX-512 where the CPU has it, else AVX2 (`avx2_only` forces the latter, for
         tests); `kernels_portable.c` ignores `avx2_only`."""
-        k = x.shape[-1]
+        if x.shape[-1] != qweight.shape[1] * (2 if bits == 4 else 1):
+            raise ValueError(f"gemv_quant: {bits}-bit weights {qweight.dtype} {tuple(qweight.shape)} do not fit x with {x.shape[-1]} features")
+        return self.quant_matmul(qweight, scales, zeros, bias, bits, group_size, avx2_only)(x)
+
+    def quant_matmul(self, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None, bits: int,
+                     group_size: int, avx2_only: bool = False) -> QuantMatmul:
+        """`gemv_quant` for one quantized weight, checked now: a decode step calls it once per
+        layer, and the checks cost more than a small layer's matmul."""
         n, packed = qweight.shape
-        rows = x.numel() // max(k, 1)
-        int4 = bits == 4 and qweight.dtype == torch.uint8 and packed * 2 == k and zeros is not None
-        if not (int4 or (bits == 8 and qweight.dtype == torch.int8 and packed == k)):
-            raise ValueError(f"gemv_quant: {bits}-bit weights {qweight.dtype} {tuple(qweight.shape)} do not fit x with {k} features")
-        if bits == 4 and (group_size % 32 or k % group_size or scales.shape != (n, k // group_size)
+        k = packed * 2 if bits == 4 else packed
+        int4 = bits == 4 and qweight.dtype == torch.uint8 and zeros is not None
+        if not (int4 or (bits == 8 and qweight.dtype == torch.int8 and scales.shape == (n,))):
+            raise ValueError(f"gemv_quant: {bits}-bit weights {qweight.dtype} {tuple(qweight.shape)} are not int8 rows (with a scale each) or packed int4")
+        if bits == 4 and (group_size < 32 or group_size % 32 or k % group_size or scales.shape != (n, k // group_size)
                           or zeros.shape != scales.shape or zeros.dtype != torch.uint8):
             raise ValueError(f"gemv_quant: int4 groups of {group_size} must divide the width {k} (and be a multiple of 32), "
                              f"with scales and zeros of shape ({n}, {k // max(group_size, 1)})")
-        _check_contiguous_cpu_float32(*(t for t in (x, scales, bias) if t is not None))
+        if bias is not None and bias.shape != (n,):
+            raise ValueError(f"gemv_quant: a bias of shape {tuple(bias.shape)} for {n} outputs")
+        _check_contiguous_cpu_float32(*(t for t in (scales, bias) if t is not None))
         if not (qweight.is_contiguous() and (zeros is None or zeros.is_contiguous())):
             raise ValueError("gemv_quant takes contiguous packed weights and zero points")
-        y = x.new_empty((*x.shape[:-1], n))
-        scratch = x.new_empty(x.shape) if bits == 4 else None
-        status = self._gemv_quant(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                  None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
-                                  y.data_ptr(), rows, n, k, bits, group_size,
-                                  None if scratch is None else scratch.data_ptr(), 2 if avx2_only else 0,
-                                  torch.get_num_threads())
-        if status:
-            raise ValueError(f"gemv_quant takes 1 to {MAX_ROWS} rows, not {rows}")
-        return y
+        return QuantMatmul(self, (qweight, scales, zeros, bias), bits, group_size, 2 if avx2_only else 0)
 
 
 class Native(QuantKernels):
@@ -260,6 +260,40 @@ class Native(QuantKernels):
         out = torch.empty_like(x)
         self._gelu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
         return out
+
+
+class QuantMatmul:
+    """`F.linear(x, W, bias)` for one quantized weight that `QuantKernels.quant_matmul` has checked: a
+    call checks only x. It holds the weight's tensors, so the memory it reads stays alive."""
+
+    def __init__(self, kernels: QuantKernels, weight: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+                 bits: int, group_size: int, isa: int) -> None:
+        self.kernels, self.weight = kernels, weight  # the library it runs on; qweight, scales, zeros, bias
+        self._function, self._bits, self._group_size, self._isa = kernels._gemv_quant, bits, group_size, isa
+        self._n, self._k = weight[0].shape[0], weight[0].shape[1] * (2 if bits == 4 else 1)
+
+    def holds(self, kernels: QuantKernels, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> bool:
+        """Whether this is the matmul of exactly these tensors (a layer's buffers, replaced by `.to()` or
+        assignment) on `kernels` (the library `quantized()` picks now)."""
+        q, s, z, b = self.weight
+        return self.kernels is kernels and q is qweight and s is scales and z is zeros and b is bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (..., K): 1 to MAX_ROWS rows, contiguous float32 on the CPU -> (..., N)."""
+        if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or x.shape[-1] != self._k:
+            raise ValueError(f"a quantized matmul of width {self._k} takes contiguous float32 CPU rows of {self._k} "
+                             f"features, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        qweight, scales, zeros, bias = self.weight
+        rows = x.numel() // max(self._k, 1)
+        y = x.new_empty((*x.shape[:-1], self._n))
+        scratch = torch.empty_like(x) if self._bits == 4 else None  # where the C code puts x in nibble order
+        status = self._function(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+                                y.data_ptr(), rows, self._n, self._k, self._bits, self._group_size,
+                                None if scratch is None else scratch.data_ptr(), self._isa, torch.get_num_threads())
+        if status:
+            raise ValueError(f"gemv_quant takes 1 to {MAX_ROWS} rows, not {rows}")
+        return y
 
 
 @functools.cache

@@ -16,9 +16,12 @@ Design choices:
 - The forward of a decode step (float32 CPU input of at most `kernels.MAX_ROWS` rows per call,
   no gradient) runs the native int8 / int4 matmul of `models/kernels.py`, which reads the packed
   weights directly: a step streams a quarter (int8) or an eighth (int4) of the float bytes
-  (`benchmarks/decode.py` measures it). Everything else (prefill, training, no compiler)
-  dequantises the weight and runs an ordinary matmul in the input's dtype. Both agree to float32
-  rounding (`tests/models/test_quant_kernels.py`). When the input needs a gradient (QLoRA trains
+  (`benchmarks/decode.py` measures it). The layer binds the kernel to its buffers once
+  (`kernels.QuantKernels.quant_matmul`), since checking the weights on every call cost more than
+  a small layer's matmul; it binds again when a buffer is replaced or `kernels.quantized()` picks
+  another library. Everything else (prefill, training, no compiler) dequantises the weight and
+  runs an ordinary matmul in the input's dtype. Both agree to float32 rounding
+  (`tests/models/test_quant_kernels.py`). When the input needs a gradient (QLoRA trains
   adapters around a frozen QuantLinear) the backward dequantises the weight again instead of
   keeping the float copy alive until then: only the packed weights stay resident.
 - `QuantLinear` is linear-like (`in_features`, `out_features`, `bias`, `dequantize()`), so
@@ -179,15 +182,33 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         if (0 < rows <= _NATIVE_ROWS and x.dtype == torch.float32 and x.is_cpu
                 and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-                and (native := kernels.quantized()) is not None):
+                and (matmul := self._native_matmul()) is not None):
+            if rows <= kernels.MAX_ROWS:
+                return matmul(x.contiguous())
             flat = x.reshape(rows, self.in_features).contiguous()
-            parts = [native.gemv_quant(flat[i : i + kernels.MAX_ROWS], self.qweight, self.scales, self.zeros,
-                                       self.bias, self.bits, self.group_size) for i in range(0, rows, kernels.MAX_ROWS)]
+            parts = [matmul(flat[i : i + kernels.MAX_ROWS]) for i in range(0, rows, kernels.MAX_ROWS)]
             return torch.cat(parts).view(*x.shape[:-1], self.out_features)
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenQuantMatmul.apply(x, self)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def _native_matmul(self) -> kernels.QuantMatmul | None:
+        """The native kernel checked against this layer's buffers once, and again after one is
+        replaced (`.to()`, assignment) or the library changes; None where no kernels are built."""
+        if (quant := kernels.quantized()) is None:
+            return None
+        matmul, buffers = self.__dict__.get("_matmul"), self._buffers  # not self.qweight...: Module.__getattr__ is slow
+        if matmul is None or not matmul.holds(quant, buffers["qweight"], buffers["scales"], buffers["zeros"], buffers["bias"]):
+            matmul = self.__dict__["_matmul"] = quant.quant_matmul(self.qweight, self.scales, self.zeros, self.bias,
+                                                                 self.bits, self.group_size)
+        return matmul
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the bound kernel out (it holds C pointers); they bind their own."""
+        state = self.__dict__.copy()
+        state.pop("_matmul", None)
+        return state
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
