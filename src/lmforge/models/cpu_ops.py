@@ -204,6 +204,9 @@ def _chunked_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
+        if not (need_h or need_w):  # evaluation: the loss alone, without the softmax gradient's passes
+            total += F.cross_entropy(_logits(h, weight), y, ignore_index=ignore_index, reduction="sum")
+            continue
         loss, grad = _softmax_loss_(_logits(h, weight), y, ignore_index)  # grad (n, V)
         total += loss
         with torch.autocast(hidden.device.type, enabled=False):  # gradients accumulate in float32

@@ -264,7 +264,7 @@ def scale_and_clip_(params: Iterable[nn.Parameter], scale: Tensor | float, max_n
     sharded = isinstance(grads[0], DTensor)
     if sharded:
         grads = [g.to_local() for g in grads]  # views: scaling them scales the shards
-    raw = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(grads)]))
+    raw = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())  # one cast, not one per tensor
     if sharded:
         squares = raw.square()
         dist.all_reduce(squares, op=dist.ReduceOp.SUM)

@@ -81,7 +81,7 @@ class HealthRecorder:
 
     def _per_layer(self, norms: Sequence[Tensor]) -> Tensor:
         """Per-tensor norms -> per-layer norms (n_groups,), in float64 on the norms' device (no host read)."""
-        squares = torch.stack([n.double() for n in norms]) ** 2  # (n_params,)
+        squares = torch.stack(list(norms)).double() ** 2  # (n_params,); stack promotes mixed dtypes, exactly
         group_of = self.group_of.to(squares.device)
         sums = torch.zeros(len(self.groups), dtype=torch.float64, device=squares.device).index_add_(0, group_of, squares)
         if self.sharded:

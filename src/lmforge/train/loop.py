@@ -451,7 +451,8 @@ class _Run:
         three before the update)."""
         cfg, device = self.cfg, self.info.device
         start = time.perf_counter()
-        self.ddp.train()
+        if not (self.ddp.training and self.raw.training):  # set back after evaluation or generation
+            self.ddp.train()  # (a walk over every module: not on every step of a small model)
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss summed over targets, targets
         extras: dict[str, Tensor | float] = {}
         for micro in range(cfg.grad_accum):
