@@ -95,3 +95,31 @@ def test_shards_from_another_tokenizer_are_one_line(shards, tmp_path):
     out = pretrain(shards, tmp_path / "run", "--data.tokenizer", tmp_path / "tok")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "was prepared with a different tokenizer" in out.stderr and not (tmp_path / "run").exists()
+
+
+
+@pytest.mark.parametrize(("rank", "printed"), [(None, True), ("0", True), ("1", False)])
+def test_a_training_verb_prints_once_under_torchrun(tmp_path, monkeypatch, capsys, rank, printed):
+    """Under torchrun every rank runs the verb (RANK set by torchrun); only rank 0 prints its reports and summary."""
+    from types import SimpleNamespace
+
+    from lmforge.cli import data_tools
+    from lmforge.cli import train as cli_train
+    from lmforge.cli.main import main
+
+    sections, _ = cli_train._recipe_verb("pretrain")
+
+    def run(recipe, progress, report):
+        assert progress is printed
+        report("a report line")
+        return SimpleNamespace(summary=lambda: "done: 2 steps")
+
+    monkeypatch.setattr(cli_train, "_recipe_verb", lambda name: (sections, run))
+    monkeypatch.setattr(data_tools, "refuse_if_too_big", lambda recipe: None)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["pretrain", "--config", str(CONFIG), "--out-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert ("a report line" in out, "done: 2 steps" in out) == (printed, printed), out

@@ -3,13 +3,15 @@
 Each verb parses, calls one library function, and prints. The recipe verbs take
 `--config FILE.yaml` plus `--section.key value` flags generated from the recipe's dataclasses
 (`cli/flags.py`), run `run_<verb>(recipe, progress=True, report=print)` and print the
-result's one-line summary. Library modules are imported inside the functions that need them,
+result's one-line summary. Under `torchrun` only the process of rank 0 prints and draws the progress bar, so a
+run's reports appear once, not once per rank. Library modules are imported inside the functions that need them,
 so `lmforge --help` starts without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,13 +67,23 @@ def _recipe_setup(name: str, description: str | None = None) -> Setup:
     return setup
 
 
+def prints() -> bool:
+    """True in the process that reports: the only one, or rank 0 of a `torchrun` launch (which sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    """The report function of the ranks that do not print."""
+
+
 def _run_recipe(args: argparse.Namespace, sections: dict[str, type], run: Callable[..., Any]) -> Any:
     from lmforge.train.setup import RENAMED_KEYS
 
     recipe = load_recipe(args, sections, RENAMED_KEYS)
     data_tools.refuse_if_too_big(recipe)
-    result = run(recipe, progress=True, report=print)
-    print(result.summary())
+    result = run(recipe, progress=prints(), report=print if prints() else _quiet)
+    if prints():
+        print(result.summary())
     return result
 
 
@@ -108,7 +120,7 @@ def cmd_classify(args: argparse.Namespace, sections: dict[str, type], run: Calla
     if args.texts or args.input:
         raise LmforgeError("texts to label need --predict MODEL; to train, pass --config and --section.key flags only")
     result = _run_recipe(args, sections, run)
-    if result.eval_report is not None:
+    if result.eval_report is not None and prints():
         r = result.eval_report
         print(f"evaluation on {r.n} texts: accuracy {r.accuracy:.4f}, macro-F1 {r.macro_f1:.4f}\n{r.table()}")
 
