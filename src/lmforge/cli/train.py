@@ -2,7 +2,7 @@
 
 Each verb parses, calls one library function, and prints. The recipe verbs take
 `--config FILE.yaml` plus `--section.key value` flags generated from the recipe's dataclasses
-(`cli/flags.py`), run `run_<verb>(recipe, progress=True, report=print)` and print the
+(`cli/flags.py`), run `run_<verb>(recipe, progress=..., report=...)` and print the
 result's one-line summary. Under `torchrun` only the process of rank 0 prints and draws the progress bar, so a
 run's reports appear once, not once per rank. Library modules are imported inside the functions that need them,
 so `lmforge --help` starts without loading torch.

@@ -144,6 +144,7 @@ def logits_transient_columns(vocab: int) -> int:
     (what the memory planner, `diagnose/plan.py`, counts)."""
     return min(vocab, _VOCAB_BLOCK) if _ONEDNN else 0
 
+
 _storage_refs = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, nothing is reused
 
 

@@ -18,7 +18,7 @@ The C source ships with the package. The first call compiles it with the system 
 by the source and flags, written to a temporary name and renamed. It links the OpenMP runtime
 PyTorch has already loaded, so both share one thread pool. Without a compiler, on a CPU without
 AVX2/FMA, with `LMFORGE_NATIVE=0`, or when the build or load fails, `native()` is None (logged
-once) and callers use oneDNN and PyTorch's own kernels.
+once) and callers use `cpu_ops.linear`'s BLAS or oneDNN and PyTorch's own kernels.
 
 Where `kernels.c` cannot run (no AVX2, not x86-64, or its build failed) but a compiler exists,
 the int8 / int4 matmuls come from `kernels_portable.c` instead (`quantized()` picks; the float
@@ -47,7 +47,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 8  # the kernel's largest batch of rows; more rows are compute-bound and go to oneDNN
+MAX_ROWS = 8  # the kernel's largest batch of rows; more rows are compute-bound and go to `cpu_ops.linear` (MKL on Intel, oneDNN elsewhere)
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]  # after the source file
 _PORTABLE_SOURCE = Path(__file__).with_name("kernels_portable.c")
@@ -299,7 +299,7 @@ class QuantMatmul:
 @functools.cache
 def native() -> Native | None:
     """The native (AVX2) kernels; None where they are unavailable (see the module notes)."""
-    library = _load(_SOURCE, _FLAGS, _unsupported(), "using oneDNN and PyTorch's own kernels")
+    library = _load(_SOURCE, _FLAGS, _unsupported(), "using PyTorch's own kernels (MKL or oneDNN)")
     return None if library is None else Native(library)
 
 
