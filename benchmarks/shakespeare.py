@@ -10,8 +10,8 @@ process. The two are interleaved: every `--switch-every` lmforge steps, the plai
 many, so both see the same machine (a shared host drifts by tens of percent within a run). Each
 side's time holds its own training steps and its own evaluations (the same number of batches at
 the same steps); lmforge's also holds what the plain loop does not do: its checkpoints (periodic and
-final), metrics.jsonl with the health record of every logging step, loss.png at each evaluation and
-the progress bar.
+final), metrics.jsonl with the health record of every logging step, loss.png (redrawn every 30 s
+and at the end) and the progress bar.
 
     python benchmarks/shakespeare.py --data ../shared/data/tinyshakespeare/input.txt
     # last line: val_bpb=X wall_s=T ratio_vs_plain=R   (R = lmforge tokens/s / plain loop tokens/s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import json
@@ -16,6 +17,7 @@ from _ddp_script import ToyLM, ToyLoader, causal_lm, eval_batches, make_batch, s
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
+from lmforge.train import report
 from lmforge.train.loop import (
     ObjectiveOutput,
     TrainConfig,
@@ -28,7 +30,7 @@ from lmforge.train.loop import (
     train,
 )
 from lmforge.train.monitor import LossSpikeDetector, NonFiniteGuard
-from lmforge.train.report import Callback, ProgressBar, StopTraining, read_metrics
+from lmforge.train.report import Callback, LossPlot, ProgressBar, StopTraining, read_metrics
 
 
 def small_cfg(**overrides: object) -> TrainConfig:
@@ -259,6 +261,36 @@ def test_run_outputs_and_callbacks(tmp_path: Path) -> None:
     assert {"config.json", "model.safetensors", "train_state.json", "train_state.safetensors"} <= {
         p.name for p in tmp_path.iterdir()}
     assert "loss=" in stream.getvalue() and "6/6" in stream.getvalue()
+
+
+def test_loss_plot_is_redrawn_at_most_every_interval_and_at_the_end(tmp_path: Path, monkeypatch) -> None:
+    """A small model evaluates every few seconds; each drawing costs ~0.1 s (benchmarks/shakespeare.py)."""
+    clock = [100.0]
+    monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
+    plot = LossPlot(tmp_path / "loss.png", interval_s=30.0)
+    plot.update([[1, 2.0]], [])
+    assert not plot.path.exists()  # the first drawing waits an interval too
+    clock[0] += 30.0
+    plot.update([[1, 2.0]], [[1, 2.1]])
+    assert plot.path.read_bytes()[:4] == b"\x89PNG"
+    plot.path.unlink()
+    clock[0] += 29.0
+    plot.update([[1, 2.0], [2, 1.9]], [[1, 2.1]])
+    assert not plot.path.exists()  # drawn 29 s ago
+    plot.update([[1, 2.0], [2, 1.9]], [[1, 2.1]], final=True)
+    assert plot.path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_heap_alive_at_the_start_is_frozen_during_the_run_only(tmp_path: Path) -> None:
+    """The garbage collector skips the objects alive at the start while training, and only then."""
+    counts: list[int] = []
+
+    class Count(Callback):
+        def on_step(self, step: int, metrics: dict[str, float]) -> None:
+            counts.append(gc.get_freeze_count())
+
+    train(ToyLM(), causal_lm, ToyLoader(4), small_cfg(steps=2), tmp_path, save_model=save_toy_model, callbacks=[Count()])
+    assert min(counts) > 1000 and gc.get_freeze_count() == 0
 
 
 def test_callback_can_stop_training(tmp_path: Path) -> None:

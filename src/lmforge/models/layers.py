@@ -101,6 +101,12 @@ def make_embedding_scale(config: ModelConfig) -> nn.Module:
     return EmbeddingScale(config.dim) if config.scale_embeddings else nn.Identity()
 
 
+def make_dropout(config: ModelConfig) -> nn.Module:
+    """The config's dropout; without dropout an `nn.Identity`, which a step of a small model
+    calls a dozen times for nothing otherwise (`benchmarks/shakespeare.py`)."""
+    return nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+
 # ---------------------------------------------------------------- positions
 
 
@@ -271,7 +277,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.rotate = apply_rotary if config.positions == "rotary" else no_rotation
-        self.resid_drop = nn.Dropout(config.dropout)
+        self.resid_drop = make_dropout(config)
 
     def project(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values of `x` (B, T, dim), normed and rotated as attention uses them."""
@@ -308,7 +314,7 @@ class GeluMLP(nn.Module):
         self.up = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down = Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(gelu(self.up(x), self.approximate)))
@@ -329,7 +335,7 @@ class GatedMLP(nn.Module):
         self.gate = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.up = Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down = Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.down(self.act(self.gate(x)) * self.up(x)))

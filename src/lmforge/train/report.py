@@ -11,6 +11,7 @@ Design choices:
   back to the checkpoint's step, so an interrupted-and-resumed run leaves the same file as
   an uninterrupted one (apart from timings).
 - The plot uses matplotlib's object API with the Agg canvas: no pyplot, no global backend.
+  The loop redraws it at most every 30 s during a run (`LossPlot`) and always at its end.
 - TensorBoard is optional and imported lazily; without it the callback logs a warning and
   does nothing.
 """
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -128,6 +130,23 @@ def plot_losses(
     """Draw train and validation loss against step into the PNG `path` (written atomically)."""
     plot_curves(path, [(train, "-", "train"), (evals, "o-", "validation")],
                 ylabel="loss (nats per target token)", title=title)
+
+
+class LossPlot:
+    """A run's loss.png, redrawn at most every `interval_s` seconds, and whenever the final picture
+    is asked for. A drawing costs about a tenth of a second of matplotlib, and a small model
+    evaluates every few seconds: drawing at every evaluation would add percents to its run
+    (`benchmarks/shakespeare.py`)."""
+
+    def __init__(self, path: Path, interval_s: float = 30.0) -> None:
+        self.path, self.interval_s = path, interval_s
+        self.drawn_at = time.monotonic()  # the first drawing waits an interval too
+
+    def update(self, train: Sequence[Sequence[float]], evals: Sequence[Sequence[float]], final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - self.drawn_at >= self.interval_s:
+            plot_losses(self.path, train, evals)
+            self.drawn_at = now
 
 
 class ProgressBar(Callback):
