@@ -100,3 +100,14 @@ def test_real_preset_sizes():
     assert n_params("gpt2") == 124_439_808
     assert 1.23e9 < n_params("llama-3.2-1b") < 1.24e9
     assert 46.6e9 < n_params("mixtral-8x7b") < 46.8e9
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+def test_dropout_modules_exist_only_with_dropout(name):
+    """Without dropout a model calls no dropout module (a small model's step would pay a dozen calls)."""
+    def droppers(dropout: float) -> int:
+        model = build_model(preset(name, dropout=dropout))
+        return sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
+
+    assert droppers(0.0) == 0
+    assert droppers(0.1) >= 2 * preset(name).n_layers

@@ -201,8 +201,10 @@ def _gather_windows(arrays: tuple[np.ndarray, ...], shard_ids: np.ndarray, offse
                     length: int) -> np.ndarray:
     """Row i = arrays[shard_ids[i]][offsets[i] : offsets[i] + length], (B, length): one fancy-index
     read per shard the batch touches, not one slice per row."""
-    out = np.empty((len(offsets), length), dtype=arrays[0].dtype)
     span = np.arange(length)
+    if len(arrays) == 1:  # a small corpus: no grouping by shard (a step of a small model feels each op)
+        return arrays[0][offsets[:, None] + span]
+    out = np.empty((len(offsets), length), dtype=arrays[0].dtype)
     for shard in np.unique(shard_ids):
         rows = shard_ids == shard
         out[rows] = arrays[shard][offsets[rows, None] + span]  # (rows, length)

@@ -22,6 +22,7 @@ from lmforge.models.layers import (
     Rope,
     attention_mask,
     init_weights,
+    make_dropout,
     make_mlp,
     make_norm,
     make_positions,
@@ -66,7 +67,7 @@ class Bert(nn.Module):
         self.positions = make_positions(config)
         self.type_embed = nn.Embedding(max(config.type_vocab_size, 1), config.dim)
         self.embed_norm = make_norm(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
         self.layers = Blocks(PostNormBlock(config, i) for i in range(config.n_layers))
         self.pooler = Linear(config.dim, config.dim) if config.pooler else None
         self.head = MaskedLMHead(config) if config.mlm_head else nn.Identity()

@@ -27,6 +27,7 @@ from lmforge.models.layers import (
     Blocks,
     attention_mask,
     init_weights,
+    make_dropout,
     make_embedding_scale,
     make_norm,
     make_positions,
@@ -47,7 +48,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.embed_scale = make_embedding_scale(config)
         self.positions = make_positions(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
         self.layers = Blocks(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.dim, config.vocab_size, bias=False)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.cpu_ops import Linear
+from lmforge.models.layers import make_dropout
 
 POOLINGS = ("last", "mean", "cls")
 
@@ -125,7 +126,7 @@ class PooledHead(nn.Module):
         self.backbone = backbone
         self.pooling = pooling or default_pooling(config)
         self._pool = _pool_fn(backbone, self.pooling)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = make_dropout(config)
         self.score = Linear(config.dim, n_out, bias=bias)
         nn.init.normal_(self.score.weight, std=config.init_std)
         if bias:

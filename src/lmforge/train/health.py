@@ -79,11 +79,13 @@ class HealthRecorder:
         """A copy of the weights, taken just before the optimizer step being measured."""
         return torch._foreach_mul([_local(p.detach()) for p in self.params], 1.0)
 
-    def _per_layer(self, norms: Sequence[Tensor]) -> Tensor:
-        """Per-tensor norms -> per-layer norms (n_groups,), in float64 on the norms' device (no host read)."""
-        squares = torch.stack(list(norms)).double() ** 2  # (n_params,); stack promotes mixed dtypes, exactly
+    def _per_layer(self, *norms: Sequence[Tensor]) -> Tensor:
+        """Lists of per-tensor norms -> per-layer norms (len(norms), n_groups), in float64 on the norms'
+        device (no host read). All lists in one reduction: a logging step of a small model is
+        otherwise a few dozen tiny ops per list (`benchmarks/shakespeare.py`)."""
+        squares = torch.stack([torch.stack(list(n)) for n in norms]).double() ** 2  # (lists, n_params); stack promotes mixed dtypes, exactly
         group_of = self.group_of.to(squares.device)
-        sums = torch.zeros(len(self.groups), dtype=torch.float64, device=squares.device).index_add_(0, group_of, squares)
+        sums = squares.new_zeros(len(norms), len(self.groups)).index_add_(1, group_of, squares)
         if self.sharded:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         return sums.sqrt()
@@ -102,9 +104,9 @@ class HealthRecorder:
         unclip = (grad_norm + 1e-6) / grad_clip if clipped else 1.0
         weights = [_local(p.detach()) for p in self.params]
         torch._foreach_sub_(before, weights)  # before - after: the update, negated
-        grad_layers = self._per_layer(grads) * unclip
-        ratio_layers = self._per_layer(torch._foreach_norm(before)) / self._per_layer(torch._foreach_norm(weights)).clamp_min(1e-12)
-        grad_values, ratio_values = torch.stack((grad_layers, ratio_layers)).tolist()  # one host read
+        grad_layers, update_layers, weight_layers = self._per_layer(grads, torch._foreach_norm(before),
+                                                                    torch._foreach_norm(weights))
+        grad_values, ratio_values = torch.stack((grad_layers * unclip, update_layers / weight_layers.clamp_min(1e-12))).tolist()  # one host read
         return {"clipped": clipped,
                 "layer_grad_norm": dict(zip(self.groups, grad_values, strict=True)),
                 "layer_update_ratio": dict(zip(self.groups, ratio_values, strict=True)),

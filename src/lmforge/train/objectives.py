@@ -30,7 +30,11 @@ def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def moe_aux_loss(model: nn.Module) -> Tensor | None:
     """Sum of the load-balancing losses the MoE layers recorded in the last forward, or None."""
-    losses = [m.aux_loss for m in unwrap_model(model).modules() if hasattr(m, "aux_loss")]
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    if config is not None and not getattr(config, "n_experts", 0):
+        return None  # no experts: no walk over every module on every step of a small model
+    losses = [m.aux_loss for m in inner.modules() if hasattr(m, "aux_loss")]
     return torch.stack(losses).sum() if losses else None
 
 
