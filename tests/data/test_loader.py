@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.data import TokenLoader, TokenShards, iter_eval_batches, prepare
+from lmforge.data.shards import eval_rows
 from lmforge.errors import LmforgeError
 
 DOCS = [f"document {i}: " + "abcdefghij"[: i % 10] * (i % 7 + 1) for i in range(300)]
@@ -125,6 +126,20 @@ def test_eval_batches_are_consecutive_and_deterministic(out_dir):
     )
     assert same(batches, list(iter_eval_batches(val, 4, seq_len)))
     assert len(list(iter_eval_batches(val, 4, seq_len, max_batches=2))) == 2
+
+
+def test_eval_windows_do_not_depend_on_rows_per_batch(out_dir):
+    """Short windows are evaluated more at a time (`eval_rows`); `max_batches` still counts batches of
+    `batch_size`, so the same windows are evaluated."""
+    val = TokenShards.open(out_dir, "val")
+    def windows(**kwargs):
+        return torch.cat([b["input_ids"] for b in iter_eval_batches(val, 3, 4, max_batches=5, **kwargs)])
+    grouped = list(iter_eval_batches(val, 3, 4, max_batches=5, rows=7))
+    assert [len(b["input_ids"]) for b in grouped] == [7, 7, 1]
+    assert torch.equal(windows(rows=7), windows()) and len(windows()) == 15
+    assert eval_rows(12, 64) == 32 and eval_rows(8, 1024) == 8  # only short windows are grouped
+    with pytest.raises(LmforgeError, match="rows must be positive"):
+        iter_eval_batches(val, 3, 4, rows=0)
 
 
 def test_eval_windows_cross_shard_boundaries(out_dir):

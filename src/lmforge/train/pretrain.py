@@ -16,7 +16,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig, model_config
 from lmforge.data.rows import context_length
-from lmforge.data.shards import ShardsDataConfig, TokenLoader, TokenShards, iter_eval_batches
+from lmforge.data.shards import ShardsDataConfig, TokenLoader, TokenShards, eval_rows, iter_eval_batches
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
@@ -73,7 +73,8 @@ def run_pretrain(recipe: dict[str, Any], *, progress: bool = False, report: setu
     loader = TokenLoader(train_shards, cfg.batch_size, seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
 
     def eval_batches():
-        return iter_eval_batches(val_shards, cfg.batch_size, seq_len, cfg.eval_batches or None)
+        return iter_eval_batches(val_shards, cfg.batch_size, seq_len, cfg.eval_batches or None,
+                                 rows=eval_rows(cfg.batch_size, seq_len))
 
     return setup.RunResult(run.fit(model, objective_for(model, tokenizer), setup.RunIO(tokenizer), loader, eval_batches))
 
