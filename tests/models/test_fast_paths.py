@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lmforge.config import preset
-from lmforge.models import build_model, cpu_ops
+from lmforge.models import build_model, cpu_ops, gpt
 from lmforge.models.cpu_ops import linear, linear_cross_entropy
 
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -81,9 +81,13 @@ def test_softmax_a_few_rows_at_a_time_equals_all_rows_at_once(monkeypatch):
         assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("small_logits", [0, cpu_ops.SMALL_LOGITS])  # the fused loss; the plain one (small here)
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_decoder_loss_from_labels_equals_loss_of_logits(name, tied):
+def test_decoder_loss_from_labels_equals_loss_of_logits(name, tied, small_logits, monkeypatch):
+    monkeypatch.setattr(gpt, "SMALL_LOGITS", small_logits)
+    fused = []
+    monkeypatch.setattr(cpu_ops._LinearCrossEntropy, "apply", counting(cpu_ops._LinearCrossEntropy.apply, fused))
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(preset(name), tie_embeddings=tied))
     ids = torch.randint(0, model.config.vocab_size, (3, 12))
@@ -98,6 +102,15 @@ def test_decoder_loss_from_labels_equals_loss_of_logits(name, tied):
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     for a, r in zip(grads, ref_grads):
         assert_close(a, r, atol=1e-5, rtol=1e-4)
+    assert len(fused) == (small_logits == 0)
+
+
+def counting(fn, calls: list):
+    """`fn`, appending to `calls` on every call."""
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
 
 
 def test_linear_cross_entropy_under_bf16_autocast_keeps_float32_gradients():
@@ -119,6 +132,7 @@ def test_linear_cross_entropy_under_bf16_autocast_keeps_float32_gradients():
 def test_tied_weight_gradient_is_built_in_one_buffer(monkeypatch):
     """The output projection's gradient buffer becomes the tied weight's .grad, with the token
     lookup's rows added in place: no vocabulary-sized copy (gradient accumulation adds into it)."""
+    monkeypatch.setattr(gpt, "SMALL_LOGITS", 0)  # these logits are small: take the fused loss anyway
     model = build_model(preset("tiny-gpt2"))
     assert model.lm_head.weight is model.embed.weight
     addresses, chunked = [], cpu_ops._chunked_loss  # addresses only: holding the buffer would force a copy

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.cpu_ops import Linear, TiedGradient, embedding, linear_cross_entropy
+from lmforge.models.cpu_ops import SMALL_LOGITS, Linear, TiedGradient, embedding, linear_cross_entropy
 from lmforge.models.kv_cache import CacheView
 from lmforge.models.layers import (
     Block,
@@ -100,9 +100,11 @@ class GPT(nn.Module):
 
         With tied embeddings the fused loss hands the dense gradient of the shared weight to the
         token lookup, which adds its rows in place: one vocabulary-sized gradient buffer per step.
+        Up to `SMALL_LOGITS` logits (a small model's batch) the logits are materialised instead:
+        fewer operations (`benchmarks/shakespeare.py`).
         """
         fused = (labels is not None and type(self.lm_head) is Linear and self.lm_head.bias is None
-                 and not torch.compiler.is_compiling())
+                 and labels.numel() * self.config.vocab_size > SMALL_LOGITS and not torch.compiler.is_compiling())
         tied = TiedGradient() if fused and self.lm_head.weight is self.embed.weight else None
         h = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, document_ids=document_ids,
                                cache=cache, tied=tied)[-1]
