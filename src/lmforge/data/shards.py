@@ -289,8 +289,8 @@ EVAL_BATCH_TOKENS = 2048  # evaluation batches of short windows grow to about th
 def eval_rows(batch_size: int, seq_len: int) -> int:
     """Windows per evaluation batch: `batch_size`, or more when its batches hold fewer than
     EVAL_BATCH_TOKENS tokens. An evaluation keeps no activations for a backward pass, and a
-    forward over so few tokens is mostly per-operation overhead: 12 windows of 64 tokens at a time
-    took 11% longer than 32 (the model of `benchmarks/shakespeare.py`)."""
+    forward over so few tokens is mostly per-operation overhead (`benchmarks/shakespeare.py`'s
+    evaluations, 12 windows of 64 tokens per training batch)."""
     return max(batch_size, EVAL_BATCH_TOKENS // seq_len)
 
 

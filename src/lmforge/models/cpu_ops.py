@@ -102,7 +102,8 @@ class Linear(nn.Linear):
 
 
 # Up to this many logits (1 MiB of float32), models compute the plain loss, logits then cross-entropy:
-# a few ops beat the fused path's many (768 x 256 logits: 10% faster; 768 x 2048: 23% slower).
+# there a few ops beat the fused path's many; above it the fused path wins (`benchmarks/shakespeare.py`
+# has logits this small, `benchmarks/train_throughput.py` far larger ones).
 SMALL_LOGITS = 2**18
 _SOFTMAX_BLOCK = 2**18  # logits per softmax block (1 MiB of float32): the block's passes stay in a core's L2 cache
 

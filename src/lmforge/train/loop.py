@@ -596,8 +596,8 @@ class _Run:
 @contextlib.contextmanager
 def _frozen_heap() -> Iterator[None]:
     """Keeps the garbage collector off the objects alive when training starts (modules, libraries,
-    data) until it ends: each full collection walks them all otherwise, a pause of about 0.1 s
-    every few hundred steps of a small model (`benchmarks/shakespeare.py`)."""
+    data) until it ends: each full collection walks them all otherwise, a pause a small model's
+    run feels (`benchmarks/shakespeare.py`)."""
     gc.collect()  # today's garbage is freed now, not kept through the run
     gc.freeze()
     try:

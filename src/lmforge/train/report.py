@@ -134,9 +134,8 @@ def plot_losses(
 
 class LossPlot:
     """A run's loss.png, redrawn at most every `interval_s` seconds, and whenever the final picture
-    is asked for. A drawing costs about a tenth of a second of matplotlib, and a small model
-    evaluates every few seconds: drawing at every evaluation would add percents to its run
-    (`benchmarks/shakespeare.py`)."""
+    is asked for. A drawing is costly matplotlib work and a small model evaluates every few
+    seconds: drawing at every evaluation would add percents to its run (`benchmarks/shakespeare.py`)."""
 
     def __init__(self, path: Path, interval_s: float = 30.0) -> None:
         self.path, self.interval_s = path, interval_s
